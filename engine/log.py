@@ -1,0 +1,61 @@
+"""Structured logging: structlog on top of the standard library's ``stepvault`` logger.
+
+The engine never configures logging on import: its events go to the standard
+``logging`` module, silent below WARNING until the application (or
+``configure_logging``) attaches a handler, which is what a library embedded in
+other programs owes them. Unconfigured, a warning still reads as ``key=value`` text.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+LOGGER_NAME = "stepvault"
+
+_renderer: Any = structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True)
+
+
+def _render(logger: Any, method_name: str, event_dict: Any) -> Any:
+    """Render with whatever ``configure_logging`` chose last."""
+    return _renderer(logger, method_name, event_dict)
+
+
+_PROCESSORS: list[Any] = [
+    structlog.stdlib.filter_by_level,
+    structlog.stdlib.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    _render,
+]
+
+
+def get_logger(**initial: Any) -> structlog.stdlib.BoundLogger:
+    """Return the engine's logger with ``initial`` key-values bound."""
+    logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(
+        logging.getLogger(LOGGER_NAME),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=_PROCESSORS,
+    )
+    return logger.bind(**initial) if initial else logger
+
+
+def configure_logging(*, json: bool = False, level: int | str = "INFO") -> None:
+    """Send the engine's events to stderr: a console view, or one JSON object a line.
+
+    Calling it again replaces the previous configuration.
+    """
+    global _renderer  # noqa: PLW0603  # one switch read by every logger the engine made
+    _renderer = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper() if isinstance(level, str) else level)
+    logger.propagate = False

@@ -1,0 +1,205 @@
+"""Plain data: sessions, tool results, checkpoints and the analytics types."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SessionStatus = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
+TtlPolicy = Literal["sliding", "fixed"]
+
+#: Statuses a runner may still drive forward.
+UNFINISHED: frozenset[str] = frozenset({"pending", "running", "waiting"})
+
+
+def utcnow() -> datetime:
+    """Return the current time as an aware UTC datetime (every stored time is one)."""
+    return datetime.now(UTC)
+
+
+def to_seconds(value: float | timedelta) -> float:
+    """Normalise a duration given as seconds or a ``timedelta`` to seconds."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not seconds > 0:
+        raise ValueError(f"a duration must be positive, got {value!r}")
+    return seconds
+
+
+class SessionContext(BaseModel):
+    """Who a session runs for: the spec's execution context, open to extra keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    user_id: str | None = None
+    ai_provider: str | None = None
+    permissions: list[str] = Field(default_factory=list)
+
+
+class SessionMetadata(BaseModel):
+    """Descriptive data about a session, open to extra keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    user_agent: str | None = None
+    origin: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class ToolResult(BaseModel):
+    """One executed step attempt, or one tool call recorded inside a step."""
+
+    name: str
+    attempt: int = 1
+    step: str | None = None
+    input_digest: str | None = None
+    output: Any = None
+    error: str | None = None
+    started_at: datetime
+    finished_at: datetime
+    duration: float = Field(description="seconds")
+
+    @property
+    def ok(self) -> bool:
+        """Tell whether the attempt or call succeeded."""
+        return self.error is None
+
+
+class Checkpoint(BaseModel):
+    """What one commit changes in a session: applied all at once or not at all.
+
+    A finished step sets ``step`` (its completion marker) and ``output``; a failed
+    attempt or a status change commits a checkpoint without ``step``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    revision: int
+    status: SessionStatus
+    last_activity: datetime
+    expires_at: datetime
+    step: str | None = None
+    output: Any = None
+    state_set: dict[str, Any] = Field(default_factory=dict)
+    state_unset: list[str] = Field(default_factory=list)
+    tool_results: list[ToolResult] = Field(default_factory=list)
+    attempts: dict[str, int] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class Session(BaseModel):
+    """A UUID-identified unit of work with state, history, metadata and a TTL."""
+
+    id: str
+    context: SessionContext = Field(default_factory=SessionContext)
+    state: dict[str, Any] = Field(default_factory=dict)
+    tool_history: list[ToolResult] = Field(default_factory=list)
+    metadata: SessionMetadata = Field(default_factory=SessionMetadata)
+    created_at: datetime
+    last_activity: datetime
+    expires_at: datetime
+    ttl: float = Field(gt=0, description="seconds")
+    ttl_policy: TtlPolicy = "sliding"
+    status: SessionStatus = "pending"
+    workflow: str | None = None
+    workflow_version: str | None = None
+    workflow_fingerprint: str | None = None
+    workflow_source: str | None = None
+    input: Any = None
+    steps_done: list[str] = Field(default_factory=list)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    attempts: dict[str, int] = Field(default_factory=dict)
+    error: str | None = None
+    revision: int = 0
+
+    @property
+    def cursor(self) -> int:
+        """Return how many steps are done: the index of the next step to run."""
+        return len(self.steps_done)
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        """Tell whether the TTL has run out (``expires_at <= now``)."""
+        return self.expires_at <= (now or utcnow())
+
+    def expiry_after(self, activity: datetime) -> datetime:
+        """Return ``expires_at`` for activity at ``activity`` under this session's policy."""
+        start = activity if self.ttl_policy == "sliding" else self.created_at
+        return start + timedelta(seconds=self.ttl)
+
+    def touch(self, now: datetime | None = None) -> None:
+        """Record activity now and slide the expiry when the policy says so."""
+        self.last_activity = now or utcnow()
+        self.expires_at = self.expiry_after(self.last_activity)
+
+    def apply(self, checkpoint: Checkpoint) -> None:
+        """Apply one committed checkpoint; replaying every checkpoint rebuilds the session."""
+        if checkpoint.step is not None:
+            self.steps_done.append(checkpoint.step)
+            self.outputs[checkpoint.step] = checkpoint.output
+        self.state.update(checkpoint.state_set)
+        for key in checkpoint.state_unset:
+            self.state.pop(key, None)
+        self.tool_history.extend(checkpoint.tool_results)
+        self.attempts.update(checkpoint.attempts)
+        self.status = checkpoint.status
+        self.error = checkpoint.error
+        self.last_activity = checkpoint.last_activity
+        self.expires_at = checkpoint.expires_at
+        self.revision = checkpoint.revision
+
+
+class SessionInfo(BaseModel):
+    """A session's listing row: enough to find, expire and resume it.
+
+    ``problem`` is set, and the other fields may be unknown, when the session could
+    not be read (corrupt or undecryptable): listings report it instead of hiding it.
+    """
+
+    id: str
+    status: SessionStatus | None = None
+    workflow: str | None = None
+    expires_at: datetime | None = None
+    created_at: datetime | None = None
+    last_activity: datetime | None = None
+    steps_done: int = 0
+    problem: str | None = None
+
+    @classmethod
+    def of(cls, session: Session) -> SessionInfo:
+        """Summarise a loaded session."""
+        return cls(
+            id=session.id,
+            status=session.status,
+            workflow=session.workflow,
+            expires_at=session.expires_at,
+            created_at=session.created_at,
+            last_activity=session.last_activity,
+            steps_done=session.cursor,
+        )
+
+    def is_expired(self, now: datetime) -> bool:
+        """Tell whether this row's session has expired; unreadable rows never are."""
+        return self.expires_at is not None and self.expires_at <= now
+
+
+class CleanupResult(BaseModel):
+    """What one cleanup sweep did."""
+
+    cleaned_sessions: int
+    duration: float = Field(description="seconds")
+    skipped: dict[str, str] = Field(
+        default_factory=dict, description="session id -> why it was kept (unreadable)"
+    )
+
+
+class SessionMetrics(BaseModel):
+    """The spec's analytics over every stored session."""
+
+    total_sessions: int
+    active_sessions: int
+    average_session_duration: float = Field(description="seconds from creation to last activity")
+    tool_usage_stats: dict[str, int]
+    status_counts: dict[str, int]
+    unreadable_sessions: int = 0
+    collected_at: datetime

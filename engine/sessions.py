@@ -1,0 +1,287 @@
+"""SessionManager: the session API of the original spec, on top of any Store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from datetime import timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import (
+    EngineError,
+    SessionExpiredError,
+    SessionLimitError,
+    SessionNotFoundError,
+)
+from .log import get_logger
+from .models import (
+    CleanupResult,
+    Session,
+    SessionContext,
+    SessionMetadata,
+    SessionMetrics,
+    TtlPolicy,
+    to_seconds,
+    utcnow,
+)
+from .stores.base import Store, validate_session_id
+
+_log = get_logger()
+
+ContextLike = SessionContext | Mapping[str, Any] | None
+MetadataLike = SessionMetadata | Mapping[str, Any] | None
+
+
+class SessionManager:
+    """Create, find, update, expire and measure sessions.
+
+    Args:
+        store: where sessions live.
+        default_ttl: seconds (or a timedelta) a session lives without activity.
+        max_sessions: most unexpired sessions the store may hold; None for no limit.
+        cleanup_interval: seconds between background sweeps of expired sessions;
+            None or 0 turns the sweep off (``perform_cleanup`` still works).
+        ttl_policy: ``"sliding"`` (each update or checkpoint extends the expiry)
+            or ``"fixed"`` (a session expires ``ttl`` after its creation).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        default_ttl: float | timedelta = 3600,
+        max_sessions: int | None = None,
+        cleanup_interval: float | timedelta | None = 300,
+        ttl_policy: TtlPolicy = "sliding",
+    ) -> None:
+        if max_sessions is not None and max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
+        if ttl_policy not in ("sliding", "fixed"):
+            raise ValueError(f"ttl_policy must be 'sliding' or 'fixed', got {ttl_policy!r}")
+        self.store = store
+        self.default_ttl = to_seconds(default_ttl)
+        self.max_sessions = max_sessions
+        self.cleanup_interval = to_seconds(cleanup_interval) if cleanup_interval else None
+        self.ttl_policy: TtlPolicy = ttl_policy
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._cleanup_stopped = False
+        self._closed = False
+
+    async def __aenter__(self) -> SessionManager:
+        self._start_cleanup()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- creating and finding -------------------------------------------------
+
+    def new_session(
+        self,
+        context: ContextLike = None,
+        *,
+        ttl: float | timedelta | None = None,
+        metadata: MetadataLike = None,
+        session_id: str | None = None,
+        state: Mapping[str, Any] | None = None,
+    ) -> Session:
+        """Build a session in memory, validated but not yet stored."""
+        now = utcnow()
+        seconds = self.default_ttl if ttl is None else to_seconds(ttl)
+        try:
+            session = Session(
+                id=str(uuid.uuid4()) if session_id is None else validate_session_id(session_id),
+                context=SessionContext.model_validate(context or {}),
+                metadata=SessionMetadata.model_validate(metadata or {}),
+                state=dict(state or {}),
+                created_at=now,
+                last_activity=now,
+                expires_at=now,
+                ttl=seconds,
+                ttl_policy=self.ttl_policy,
+            )
+        except ValidationError as exc:
+            raise EngineError(f"invalid session: {exc}") from None
+        session.touch(now)
+        return session
+
+    async def insert_session(self, session: Session) -> Session:
+        """Store a session built by ``new_session``, enforcing ``max_sessions``."""
+        self._start_cleanup()
+        if self.max_sessions is not None:
+            now = utcnow()
+            live = sum(1 for row in await self.store.list() if not row.is_expired(now))
+            if live >= self.max_sessions:
+                raise SessionLimitError(
+                    f"cannot create session: {live} unexpired sessions, limit {self.max_sessions}"
+                )
+        await self.store.create(session)
+        _log.info("session.created", session_id=session.id, ttl=session.ttl)
+        return session
+
+    async def create_session(
+        self,
+        context: ContextLike = None,
+        *,
+        ttl: float | timedelta | None = None,
+        metadata: MetadataLike = None,
+        session_id: str | None = None,
+        state: Mapping[str, Any] | None = None,
+    ) -> Session:
+        """Create and store a session.
+
+        Raises:
+            SessionLimitError: ``max_sessions`` unexpired sessions already exist.
+            SessionExistsError: ``session_id`` is already stored.
+        """
+        session = self.new_session(
+            context, ttl=ttl, metadata=metadata, session_id=session_id, state=state
+        )
+        return await self.insert_session(session)
+
+    async def get_session(self, session_id: str) -> Session | None:
+        """Return the session, or None if the id is malformed, unknown or expired.
+
+        Raises:
+            CorruptSessionError: the stored session is damaged; it is never hidden.
+        """
+        try:
+            validate_session_id(session_id)
+        except EngineError:
+            return None
+        self._start_cleanup()
+        session = await self.store.load(session_id)
+        if session is None or session.is_expired():
+            return None
+        return session
+
+    async def update_session(self, session: Session) -> None:
+        """Save a changed session, recording activity (and sliding its expiry).
+
+        Raises:
+            SessionExpiredError: the session expired before this update.
+            SessionNotFoundError: the session was removed.
+            SessionBusyError: a runner is running the session right now.
+        """
+        if session.is_expired():
+            raise SessionExpiredError(f"session {session.id} has expired")
+        session.touch()
+        await self.store.save(session)
+
+    async def remove_session(self, session_id: str) -> bool:
+        """Remove a session; return whether it existed."""
+        return await self.store.delete(validate_session_id(session_id))
+
+    async def get_all_sessions(self) -> list[Session]:
+        """Return every stored session, expired ones not yet cleaned up included."""
+        sessions = []
+        for row in await self.store.list():
+            session = await self.store.load(row.id)
+            if session is not None:
+                sessions.append(session)
+        return sessions
+
+    async def get_active_sessions(self) -> list[Session]:
+        """Return every unexpired session, whatever its status."""
+        now = utcnow()
+        return [s for s in await self.get_all_sessions() if not s.is_expired(now)]
+
+    @contextlib.asynccontextmanager
+    async def use_session(self, session_id: str) -> AsyncIterator[Session]:
+        """Lend a live session for a block of work, and save it if the block succeeds.
+
+        Raises:
+            SessionNotFoundError: the id is malformed, unknown or expired.
+        """
+        session = await self.get_session(session_id)
+        if session is None:
+            raise SessionNotFoundError(f"session {session_id!r} not found or expired")
+        session.touch()
+        yield session
+        await self.update_session(session)
+
+    # -- expiry and analytics -------------------------------------------------
+
+    async def perform_cleanup(self) -> CleanupResult:
+        """Remove every expired session; unreadable ones are kept and reported."""
+        started = time.perf_counter()
+        now = utcnow()
+        cleaned, skipped = 0, {}
+        for row in await self.store.list():
+            if row.problem is not None:
+                skipped[row.id] = row.problem
+            elif row.is_expired(now) and await self.store.delete(row.id):
+                cleaned += 1
+        result = CleanupResult(
+            cleaned_sessions=cleaned, duration=time.perf_counter() - started, skipped=skipped
+        )
+        if cleaned or skipped:
+            _log.info("cleanup.done", cleaned=cleaned, skipped=len(skipped))
+        return result
+
+    async def collect_metrics(self) -> SessionMetrics:
+        """Count sessions, active sessions, average duration and tool usage."""
+        now = utcnow()
+        total = active = unreadable = 0
+        durations: list[float] = []
+        tools: Counter[str] = Counter()
+        statuses: Counter[str] = Counter()
+        for row in await self.store.list():
+            session = None if row.problem else await self.store.load(row.id)
+            if session is None:
+                unreadable += 1
+                continue
+            total += 1
+            active += not session.is_expired(now)
+            statuses[session.status] += 1
+            durations.append((session.last_activity - session.created_at).total_seconds())
+            tools.update(result.name for result in session.tool_history)
+        return SessionMetrics(
+            total_sessions=total,
+            active_sessions=active,
+            average_session_duration=sum(durations) / len(durations) if durations else 0.0,
+            tool_usage_stats=dict(tools),
+            status_counts=dict(statuses),
+            unreadable_sessions=unreadable,
+            collected_at=now,
+        )
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def _start_cleanup(self) -> None:
+        if self.cleanup_interval and self._cleanup_task is None and not self._cleanup_stopped:
+            self._cleanup_task = asyncio.get_running_loop().create_task(
+                self._cleanup_forever(self.cleanup_interval), name="stepvault-cleanup"
+            )
+
+    async def _cleanup_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.perform_cleanup()
+            except EngineError as exc:  # keep sweeping: the next pass may succeed
+                _log.warning("cleanup.failed", error=str(exc))
+
+    def stop_cleanup(self) -> None:
+        """Stop the background sweep; the manager keeps working otherwise."""
+        self._cleanup_stopped = True
+        task, self._cleanup_task = self._cleanup_task, None
+        if task is not None:
+            task.cancel()
+
+    async def close(self) -> None:
+        """Shut down gracefully: stop the sweep, then close the store. Idempotent."""
+        if self._closed:
+            return
+        self._closed = self._cleanup_stopped = True
+        task, self._cleanup_task = self._cleanup_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self.store.close()

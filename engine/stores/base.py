@@ -1,0 +1,93 @@
+"""The Store protocol every storage backend implements, and the policy they share."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Literal, Protocol, cast, runtime_checkable
+
+from ..errors import InvalidSessionIdError
+from ..models import Checkpoint, Session, SessionInfo
+
+Durability = Literal["fsync", "none"]
+DURABILITY_MODES: tuple[str, ...] = ("fsync", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Proof that one runner owns a session; every checkpoint is committed under one."""
+
+    session_id: str
+    owner: str
+    token: int = 0
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Storage primitives only: policy (TTL, limits, workflows) lives above the store.
+
+    Every method validates the session id before it touches storage. ``commit`` is
+    the hot path: one atomic, durable write whose cost depends on the checkpoint's
+    size, never on the session's history.
+    """
+
+    async def create(self, session: Session) -> None:
+        """Store a new session atomically; ``SessionExistsError`` if the id is taken."""
+        ...
+
+    async def load(self, session_id: str) -> Session | None:
+        """Return the session, or None if unknown; ``CorruptSessionError`` if damaged."""
+        ...
+
+    async def save(self, session: Session) -> None:
+        """Replace a stored session whole; ``SessionNotFoundError`` if it is gone."""
+        ...
+
+    async def commit(self, lease: Lease, checkpoint: Checkpoint) -> None:
+        """Apply one checkpoint atomically and durably; ``LeaseLostError`` without the lease."""
+        ...
+
+    async def delete(self, session_id: str) -> bool:
+        """Remove a session; return whether it existed."""
+        ...
+
+    async def list(self) -> list[SessionInfo]:
+        """Return one row per stored session, unreadable ones with ``problem`` set."""
+        ...
+
+    async def acquire(self, session_id: str, owner: str) -> Lease | None:
+        """Take the session's lease, or return None when someone else holds it."""
+        ...
+
+    async def release(self, lease: Lease) -> None:
+        """Give a lease back; releasing a lease twice is harmless."""
+        ...
+
+    async def close(self) -> None:
+        """Release every lease and resource; closing twice is harmless."""
+        ...
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it is a canonical UUIDv4 string, else raise.
+
+    Runs before an id touches a path or a query, so ``../x`` never reaches storage.
+    """
+    if not isinstance(session_id, str) or len(session_id) != 36:
+        raise InvalidSessionIdError(f"invalid session id {str(session_id)[:64]!r}: not a UUID")
+    try:
+        parsed = uuid.UUID(session_id)
+    except ValueError:
+        raise InvalidSessionIdError(f"invalid session id {session_id!r}: not a UUID") from None
+    if parsed.version != 4 or str(parsed) != session_id:
+        raise InvalidSessionIdError(
+            f"invalid session id {session_id!r}: expected a lowercase UUIDv4"
+        )
+    return session_id
+
+
+def check_durability(durability: str) -> Durability:
+    """Validate a durability mode name."""
+    if durability not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+    return cast(Durability, durability)
