@@ -14,8 +14,12 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import TypeVar
 
-from .errors import CorruptSessionError, DecryptionError
+import pydantic_core
+from pydantic import BaseModel, ValidationError
+
+from .errors import CorruptSessionError, DecryptionError, SerializationError
 
 MAGIC = b"SV"
 FORMAT = 1
@@ -48,10 +52,36 @@ class FrameScan:
     torn_tail: bool
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def dump_json(model: BaseModel, what: str) -> bytes:
+    """Encode ``model`` as JSON, or say clearly what cannot be stored.
+
+    NaN and the infinities are written as ``NaN`` / ``Infinity`` (the extension
+    Python's ``json`` writes and pydantic reads back): ``model_dump_json`` would
+    silently turn them into ``null``, and a resumed step would get None.
+
+    Raises:
+        SerializationError: a value is not JSON (arbitrary objects, undecodable
+            bytes, a lone surrogate...).
+    """
+    try:
+        return pydantic_core.to_json(model.model_dump(), inf_nan_mode="constants")
+    except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
+        raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
+
+
 def encode_frame(seq: int, body: bytes, flags: int = 0) -> bytes:
-    """Frame ``body`` as record number ``seq``."""
+    """Frame ``body`` as record number ``seq``.
+
+    Raises:
+        SerializationError: ``body`` is larger than ``MAX_RECORD_BYTES``.
+    """
     if len(body) > MAX_RECORD_BYTES:
-        raise ValueError(f"record of {len(body)} bytes exceeds {MAX_RECORD_BYTES}")
+        raise SerializationError(
+            f"record {seq} of {len(body)} bytes exceeds the limit of {MAX_RECORD_BYTES} bytes"
+        )
     head = _HEAD.pack(MAGIC, FORMAT, flags, len(body), seq, zlib.crc32(body))
     return head + _HEADER_CRC.pack(zlib.crc32(head)) + body
 
@@ -100,3 +130,15 @@ def plain_body(frame: Frame, source: str) -> bytes:
     if frame.flags:
         raise CorruptSessionError(f"{source}: unknown record flags at offset {frame.offset}")
     return frame.body
+
+
+def decode_model(model: type[_M], frame: Frame, source: str) -> _M:
+    """Decode a frame's JSON body as ``model``; anything undecodable is corruption."""
+    body = plain_body(frame, source)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise CorruptSessionError(
+            f"{source}: undecodable record at offset {frame.offset}: "
+            f"{exc.error_count()} validation error(s)"
+        ) from None

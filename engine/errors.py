@@ -27,6 +27,10 @@ class SessionCancelledError(EngineError):
     """Raised when waiting on or resuming a session that was cancelled."""
 
 
+class InvalidArgumentError(EngineError, ValueError):
+    """Raised when an argument is out of range: a TTL of zero, a negative retry count."""
+
+
 class InvalidSessionIdError(EngineError, ValueError):
     """Raised when a session id is not a UUIDv4 string."""
 

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import InvalidArgumentError
+
 SessionStatus = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
 TtlPolicy = Literal["sliding", "fixed"]
 
@@ -19,11 +21,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+MAX_DURATION = 100 * 365.25 * 24 * 3600.0
+"""A century: longer durations would overflow datetime arithmetic."""
+
+
 def to_seconds(value: float | timedelta) -> float:
-    """Normalise a duration given as seconds or a ``timedelta`` to seconds."""
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if not seconds > 0:
-        raise ValueError(f"a duration must be positive, got {value!r}")
+    """Normalise a duration given as seconds or a ``timedelta`` to seconds.
+
+    Raises:
+        InvalidArgumentError: the duration is not positive, not finite, or over a century.
+    """
+    try:
+        seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"a duration must be seconds or a timedelta, got {value!r}"
+        ) from None
+    if not 0 < seconds <= MAX_DURATION:
+        raise InvalidArgumentError(
+            f"a duration must be positive and at most a century, got {value!r}"
+        )
     return seconds
 
 
@@ -85,6 +102,7 @@ class Checkpoint(BaseModel):
     state_unset: list[str] = Field(default_factory=list)
     tool_results: list[ToolResult] = Field(default_factory=list)
     attempts: dict[str, int] = Field(default_factory=dict)
+    retry_base: dict[str, int] = Field(default_factory=dict)
     error: str | None = None
 
 
@@ -109,7 +127,12 @@ class Session(BaseModel):
     input: Any = None
     steps_done: list[str] = Field(default_factory=list)
     outputs: dict[str, Any] = Field(default_factory=dict)
-    attempts: dict[str, int] = Field(default_factory=dict)
+    attempts: dict[str, int] = Field(
+        default_factory=dict, description="attempts made per step, over the session's life"
+    )
+    retry_base: dict[str, int] = Field(
+        default_factory=dict, description="per step, the attempts made before its retry budget"
+    )
     error: str | None = None
     revision: int = 0
 
@@ -142,6 +165,7 @@ class Session(BaseModel):
             self.state.pop(key, None)
         self.tool_history.extend(checkpoint.tool_results)
         self.attempts.update(checkpoint.attempts)
+        self.retry_base.update(checkpoint.retry_base)
         self.status = checkpoint.status
         self.error = checkpoint.error
         self.last_activity = checkpoint.last_activity

@@ -17,6 +17,9 @@ import tenacity as _t
 from pydantic import ValidationError
 
 from .errors import (
+    EngineError,
+    InvalidArgumentError,
+    LeaseLostError,
     SerializationError,
     SessionBusyError,
     SessionCancelledError,
@@ -29,9 +32,18 @@ from .errors import (
     WorkflowMismatchError,
 )
 from .log import get_logger
-from .models import UNFINISHED, Checkpoint, Session, SessionStatus, ToolResult, utcnow
+from .models import (
+    UNFINISHED,
+    Checkpoint,
+    Session,
+    SessionStatus,
+    ToolResult,
+    TtlPolicy,
+    to_seconds,
+    utcnow,
+)
 from .sessions import ContextLike, MetadataLike, SessionManager
-from .stores.base import Lease, Store, validate_session_id
+from .stores.base import DEFAULT_LEASE_TTL, Lease, Store, validate_session_id
 from .workflow import Step, StepContext, Workflow
 
 _log = get_logger()
@@ -55,10 +67,18 @@ class StepEvent:
     error: str | None = None
 
 
+class _CommitFailedError(Exception):
+    """Carries a store failure out of tenacity's retry loop, which must not retry it."""
+
+    def __init__(self, store_error: EngineError) -> None:
+        super().__init__(str(store_error))
+        self.store_error = store_error
+
+
 class RunnerHook(Protocol):
     """Called synchronously for every step event; keep it quick (a progress bar, a metric)."""
 
-    def __call__(self, event: StepEvent) -> None: ...
+    def __call__(self, event: StepEvent, /) -> None: ...
 
 
 class Runner:
@@ -73,7 +93,11 @@ class Runner:
         default_ttl: a session's TTL when ``run``/``start`` get none.
         max_sessions: most unexpired sessions in the store (None: unlimited).
         cleanup_interval: seconds between sweeps of expired sessions (None: off).
+        ttl_policy: ``"sliding"`` (each checkpoint extends the expiry) or ``"fixed"``.
         max_concurrency: most sessions this runner drives at once.
+        lease_ttl: seconds a lease lasts; a heartbeat renews it every third of that.
+        max_takeovers: how many runners in a row may die holding a session before it
+            is parked as failed (a crash loop), instead of crashing runner after runner.
         hooks: callables told about every step event.
     """
 
@@ -85,19 +109,25 @@ class Runner:
         default_ttl: float | timedelta = DEFAULT_RUNNER_TTL,
         max_sessions: int | None = None,
         cleanup_interval: float | timedelta | None = 300,
+        ttl_policy: TtlPolicy = "sliding",
         max_concurrency: int = 64,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        max_takeovers: int = 10,
         hooks: Sequence[RunnerHook] = (),
     ) -> None:
         if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+            raise InvalidArgumentError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self.sessions = SessionManager(
             store,
             default_ttl=default_ttl,
             max_sessions=max_sessions,
             cleanup_interval=cleanup_interval,
+            ttl_policy=ttl_policy,
         )
         self.store = store
         self.owner = str(uuid.uuid4())
+        self.lease_ttl = to_seconds(lease_ttl)
+        self.max_takeovers = max_takeovers
         self.hooks = tuple(hooks)
         self._workflows: dict[str, Workflow] = {}
         self._tasks: dict[str, asyncio.Task[Any]] = {}
@@ -175,7 +205,7 @@ class Runner:
             if existing is None:
                 raise
             return self._adopt(workflow, existing)
-        self._spawn(session.id)
+        self._spawn(session.id, retry_failed=False)
         return session.id
 
     def _adopt(self, workflow: Workflow, existing: Session) -> str:
@@ -184,8 +214,12 @@ class Runner:
                 f"session {existing.id} belongs to workflow {existing.workflow!r}, "
                 f"not {workflow.name!r}"
             )
-        if existing.status in UNFINISHED and not existing.is_expired():
-            self._spawn(existing.id)
+        if (
+            existing.status in UNFINISHED
+            and not existing.is_expired()
+            and existing.id not in self._tasks
+        ):
+            self._spawn(existing.id, retry_failed=False)
         return existing.id
 
     async def wait(self, session_id: str) -> Any:
@@ -196,22 +230,39 @@ class Runner:
             SerializationError: a step returned something that is not JSON.
             SessionCancelledError, SessionExpiredError, SessionNotFoundError.
         """
-        task = self._tasks.get(validate_session_id(session_id)) or self._spawn(session_id)
-        return await asyncio.shield(task)
+        task = self._tasks.get(validate_session_id(session_id)) or self._spawn(
+            session_id, retry_failed=False
+        )
+        return await self._outcome(session_id, task)
 
     async def resume(self, session_id: str) -> Any:
         """Continue a session from its last completed step and return its final output.
 
         A completed session returns its output without running anything; a failed
-        one retries the step that failed.
+        one retries the step that failed, with a fresh retry budget.
         """
-        return await self.wait(session_id)
+        task = self._tasks.get(validate_session_id(session_id)) or self._spawn(
+            session_id, retry_failed=True
+        )
+        return await self._outcome(session_id, task)
+
+    async def _outcome(self, session_id: str, task: asyncio.Task[Any]) -> Any:
+        """Await a session's task without letting our caller's cancellation stop it."""
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            waiter = asyncio.current_task()
+            if task.cancelled() and (waiter is None or not waiter.cancelling()):
+                # The session was stopped (cancel() or the runner closing), not us.
+                raise SessionCancelledError(f"session {session_id} was cancelled") from None
+            raise
 
     async def resume_all(self) -> list[str]:
         """Start every unexpired, unfinished session of a registered workflow.
 
-        Returns at once with the ids started; ``wait`` on each for its result.
-        Sessions another runner holds are left to it.
+        Returns at once with the ids scheduled; ``wait`` on each for its result.
+        A session another runner holds is left to it (its ``wait`` here raises
+        ``SessionBusyError``).
         """
         now = utcnow()
         started = []
@@ -224,7 +275,7 @@ class Runner:
                 and row.workflow in self._workflows
             ):
                 if row.id not in self._tasks:
-                    self._spawn(row.id)
+                    self._spawn(row.id, retry_failed=False)
                 started.append(row.id)
         return started
 
@@ -257,9 +308,9 @@ class Runner:
 
     # -- driving one session ----------------------------------------------------
 
-    def _spawn(self, session_id: str) -> asyncio.Task[Any]:
+    def _spawn(self, session_id: str, *, retry_failed: bool) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(
-            self._drive(session_id), name=f"stepvault-{session_id}"
+            self._drive(session_id, retry_failed=retry_failed), name=f"stepvault-{session_id}"
         )
         self._tasks[session_id] = task
         task.add_done_callback(lambda done: self._forget(session_id, done))
@@ -272,7 +323,7 @@ class Runner:
             _log.debug("session.busy", session_id=session_id)
 
     async def _acquire(self, session_id: str) -> Lease:
-        lease = await self.store.acquire(session_id, self.owner)
+        lease = await self.store.acquire(session_id, self.owner, ttl=self.lease_ttl)
         if lease is None:
             raise SessionBusyError(f"session {session_id} is being run by another runner")
         return lease
@@ -283,14 +334,57 @@ class Runner:
             raise SessionNotFoundError(f"session {session_id} not found")
         return session
 
-    async def _drive(self, session_id: str) -> Any:
+    async def _drive(self, session_id: str, *, retry_failed: bool) -> Any:
         async with self._slots:
             lease = await self._acquire(session_id)
+            lost: list[LeaseLostError] = []
+            heartbeat = asyncio.get_running_loop().create_task(
+                self._heartbeat(lease, asyncio.current_task(), lost)
+            )
             try:
                 session = await self._load(session_id)  # reread: the last owner may have moved on
-                return await self._continue(lease, session)
+                if lease.takeovers > self.max_takeovers and session.status in UNFINISHED:
+                    await self._park_crash_loop(lease, session)
+                return await self._continue(lease, session, retry_failed=retry_failed)
+            except asyncio.CancelledError:
+                if lost:  # cancelled by our heartbeat, not by a caller
+                    raise lost[0] from None
+                raise
             finally:
+                heartbeat.cancel()
+                await asyncio.gather(heartbeat, return_exceptions=True)
                 await self.store.release(lease)
+
+    async def _heartbeat(
+        self, lease: Lease, driver: asyncio.Task[Any] | None, lost: list[LeaseLostError]
+    ) -> None:
+        """Renew the lease every third of its TTL; stop the session if it was lost."""
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            try:
+                await self.store.renew(lease, ttl=self.lease_ttl)
+            except LeaseLostError as exc:
+                _log.error("lease.lost", session_id=lease.session_id, error=str(exc))
+                lost.append(exc)
+                if driver is not None:
+                    driver.cancel()
+                return
+            except EngineError as exc:  # a passing storage fault: try again next beat
+                _log.warning("lease.renew_failed", session_id=lease.session_id, error=str(exc))
+
+    async def _park_crash_loop(self, lease: Lease, session: Session) -> None:
+        reason = (
+            f"taken over {lease.takeovers} times: every runner that ran it stopped "
+            "without letting go (a crash loop?); fix the cause, then resume it"
+        )
+        await self._set_status(lease, session, "failed", error=reason)
+        workflow = self._workflows.get(session.workflow or "")
+        in_flight = workflow.step_names[session.cursor] if workflow else ""
+        raise StepFailedError(
+            f"session {session.id} parked as failed: {reason}",
+            session_id=session.id,
+            step=in_flight,
+        )
 
     def _workflow_for(self, session: Session) -> Workflow:
         workflow = self._workflows.get(session.workflow or "")
@@ -307,13 +401,19 @@ class Runner:
             )
         return workflow
 
-    async def _continue(self, lease: Lease, session: Session) -> Any:
+    async def _continue(self, lease: Lease, session: Session, *, retry_failed: bool) -> Any:
         if session.status == "cancelled":
             raise SessionCancelledError(f"session {session.id} was cancelled")
         if session.is_expired():
             raise SessionExpiredError(f"session {session.id} expired at {session.expires_at}")
         workflow = self._workflow_for(session)
         steps = workflow.steps
+        if session.status == "failed" and not retry_failed:
+            raise StepFailedError(
+                f"session {session.id} failed: {session.error}; resume it to retry",
+                session_id=session.id,
+                step=steps[session.cursor].name,
+            )
         outputs = {
             name: _restore(steps[index].output_adapter, session.outputs[name], session.id, name)
             for index, name in enumerate(session.steps_done)
@@ -321,9 +421,11 @@ class Runner:
         if session.status == "completed":
             return outputs[steps[-1].name] if outputs else None
         if session.status != "running":
-            # A failed session gets a fresh retry budget for the step that failed.
-            reset = {steps[session.cursor].name: 0} if session.status == "failed" else {}
-            await self._set_status(lease, session, "running", attempts=reset)
+            # A failed session gets a fresh retry budget for the step that failed;
+            # attempt numbers keep counting, so the history reads in order.
+            failed = steps[session.cursor].name
+            fresh = {failed: session.attempts.get(failed, 0)} if session.status == "failed" else {}
+            await self._commit(lease, session, status="running", retry_base=fresh)
         value = (
             outputs[session.steps_done[-1]]
             if session.steps_done
@@ -345,15 +447,17 @@ class Runner:
     ) -> Any:
         step = workflow.steps[index]
         is_last = index == len(workflow.steps) - 1
-        used = session.attempts.get(step.name, 0)
-        remaining = step.retries + 1 - used
+        attempt = session.attempts.get(step.name, 0)
+        remaining = step.retries + 1 - (attempt - session.retry_base.get(step.name, 0))
         digest = _digest(value, session.id, step.name)
-        attempt = used
         last_error: BaseException | None = None
         retrying = _t.AsyncRetrying(
             stop=_t.stop_after_attempt(max(remaining, 1)),
-            wait=_t.wait_exponential_jitter(initial=step.backoff, max=step.max_backoff),
-            retry=_t.retry_if_exception_type(step.retry_on),
+            wait=_t.wait_exponential_jitter(
+                multiplier=step.backoff, max=step.max_backoff, jitter=step.backoff
+            ),
+            retry=_t.retry_if_exception_type(step.retry_on)
+            & _t.retry_if_not_exception_type(_CommitFailedError),
             reraise=True,
         )
         try:
@@ -369,6 +473,13 @@ class Runner:
                     state = copy.deepcopy(session.state)
                     started_at, started = utcnow(), time.perf_counter()
                     self._emit("started", session, workflow, index, attempt)
+                    log = _log.bind(
+                        session_id=session.id,
+                        workflow=workflow.name,
+                        step=step.name,
+                        attempt=attempt,
+                    )
+                    log.debug("step.started")
                     ctx = StepContext(
                         session_id=session.id,
                         workflow=workflow.name,
@@ -379,12 +490,7 @@ class Runner:
                         outputs=outputs,
                         metadata=session.metadata,
                         context=session.context,
-                        log=_log.bind(
-                            session_id=session.id,
-                            workflow=workflow.name,
-                            step=step.name,
-                            attempt=attempt,
-                        ),
+                        log=log,
                     )
                     try:
                         output = await _call(step, ctx, value)
@@ -392,27 +498,23 @@ class Runner:
                         last_error = exc
                         duration = time.perf_counter() - started
                         error = f"{type(exc).__name__}: {exc}"
-                        await self._commit(
-                            lease,
-                            session,
-                            status="running",
-                            attempts={step.name: attempt},
-                            tool_results=[
-                                _result(step, attempt, digest, started_at, duration, error)
-                            ],
-                        )
-                        _log.warning(
-                            "step.failed",
-                            session_id=session.id,
-                            workflow=workflow.name,
-                            step=step.name,
-                            attempt=attempt,
-                            error=error,
-                        )
+                        try:
+                            await self._commit(
+                                lease,
+                                session,
+                                status="running",
+                                attempts={step.name: attempt},
+                                tool_results=[
+                                    _result(step, attempt, digest, started_at, duration, error)
+                                ],
+                            )
+                        except EngineError as store_error:
+                            raise _CommitFailedError(store_error) from store_error
+                        log.warning("step.failed", error=error, duration_ms=_ms(duration))
                         self._emit("failed", session, workflow, index, attempt, duration, error)
                         raise
-        except (SerializationError, asyncio.CancelledError):
-            raise
+        except _CommitFailedError as exc:
+            raise exc.store_error from None  # the store failed, not the step: not retried
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             await self._set_status(lease, session, "failed", error=f"step {step.name!r}: {error}")
@@ -443,7 +545,7 @@ class Runner:
             workflow=workflow.name,
             step=step.name,
             attempt=attempt,
-            duration_ms=round(duration * 1000, 3),
+            duration_ms=_ms(duration),
         )
         self._emit("committed", session, workflow, index, attempt, duration)
         return output
@@ -466,9 +568,8 @@ class Runner:
         status: SessionStatus,
         *,
         error: str | None = None,
-        attempts: dict[str, int] | None = None,
     ) -> None:
-        await self._commit(lease, session, status=status, error=error, attempts=attempts or {})
+        await self._commit(lease, session, status=status, error=error)
 
     def _emit(
         self,
@@ -513,6 +614,10 @@ async def _call(step: Step, ctx: StepContext, value: Any) -> Any:
         raise StepTimeoutError(
             f"step {step.name!r} attempt {ctx.attempt} timed out after {step.timeout}s"
         ) from None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
 def _to_json(value: Any, what: str) -> Any:

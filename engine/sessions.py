@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from .errors import (
     EngineError,
+    InvalidArgumentError,
     SessionExpiredError,
     SessionLimitError,
     SessionNotFoundError,
@@ -61,9 +62,11 @@ class SessionManager:
         ttl_policy: TtlPolicy = "sliding",
     ) -> None:
         if max_sessions is not None and max_sessions < 1:
-            raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
+            raise InvalidArgumentError(f"max_sessions must be at least 1, got {max_sessions}")
         if ttl_policy not in ("sliding", "fixed"):
-            raise ValueError(f"ttl_policy must be 'sliding' or 'fixed', got {ttl_policy!r}")
+            raise InvalidArgumentError(
+                f"ttl_policy must be 'sliding' or 'fixed', got {ttl_policy!r}"
+            )
         self.store = store
         self.default_ttl = to_seconds(default_ttl)
         self.max_sessions = max_sessions

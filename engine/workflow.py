@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import sys
 import typing
 from collections.abc import Callable, Mapping
@@ -16,7 +17,7 @@ from typing import Any, TypeVar, overload
 import structlog
 from pydantic import TypeAdapter
 
-from .errors import WorkflowDefinitionError
+from .errors import InvalidArgumentError, WorkflowDefinitionError
 from .models import SessionContext, SessionMetadata, to_seconds
 
 
@@ -156,7 +157,8 @@ class Workflow:
         if not self._steps:
             return None
         module = sys.modules.get(self._steps[0].fn.__module__)
-        return getattr(module, "__file__", None)
+        file = getattr(module, "__file__", None)
+        return os.path.abspath(file) if file else None
 
     @property
     def fingerprint(self) -> str:
@@ -224,7 +226,7 @@ class Workflow:
         try:
             timeout_s = None if timeout is None else to_seconds(timeout)
             backoff_s, max_backoff_s = to_seconds(backoff), to_seconds(max_backoff)
-        except ValueError as exc:
+        except InvalidArgumentError as exc:
             raise WorkflowDefinitionError(f"bad step option: {exc}") from None
 
         def register(func: StepFn) -> StepFn:

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast, runtime_checkable
 
-from ..errors import InvalidSessionIdError
+from ..errors import InvalidArgumentError, InvalidSessionIdError, StorageError
 from ..models import Checkpoint, Session, SessionInfo
 
 Durability = Literal["fsync", "none"]
@@ -15,11 +15,22 @@ DURABILITY_MODES: tuple[str, ...] = ("fsync", "none")
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """Proof that one runner owns a session; every checkpoint is committed under one."""
+    """Proof that one runner owns a session; every checkpoint is committed under one.
+
+    ``token`` fences commits: a store accepts a checkpoint only under the lease it
+    handed out last. ``takeovers`` counts how many holders in a row stopped without
+    releasing it (they crashed), so a runner can park a session that crashes every
+    process that runs it instead of looping forever.
+    """
 
     session_id: str
     owner: str
     token: int = 0
+    takeovers: int = 0
+
+
+DEFAULT_LEASE_TTL = 30.0
+"""Seconds a lease lasts without a heartbeat where the store cannot see a holder die."""
 
 
 @runtime_checkable
@@ -40,7 +51,12 @@ class Store(Protocol):
         ...
 
     async def save(self, session: Session) -> None:
-        """Replace a stored session whole; ``SessionNotFoundError`` if it is gone."""
+        """Replace a stored session whole and bump ``session.revision``.
+
+        ``SessionNotFoundError`` if it is gone, ``SessionBusyError`` while anyone
+        holds its lease, ``StorageError`` (``check_fresh``) if ``session`` is a copy
+        read before the stored session last changed.
+        """
         ...
 
     async def commit(self, lease: Lease, checkpoint: Checkpoint) -> None:
@@ -55,8 +71,14 @@ class Store(Protocol):
         """Return one row per stored session, unreadable ones with ``problem`` set."""
         ...
 
-    async def acquire(self, session_id: str, owner: str) -> Lease | None:
-        """Take the session's lease, or return None when someone else holds it."""
+    async def acquire(
+        self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
+    ) -> Lease | None:
+        """Take the session's lease for ``ttl`` seconds, or None when another holds it."""
+        ...
+
+    async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> None:
+        """Extend a lease by ``ttl`` seconds; ``LeaseLostError`` if it was taken over."""
         ...
 
     async def release(self, lease: Lease) -> None:
@@ -86,8 +108,27 @@ def validate_session_id(session_id: object) -> str:
     return session_id
 
 
+def check_fresh(session_id: str, revision: int, stored_revision: int) -> None:
+    """Refuse to ``save`` a copy of a session read before its latest change.
+
+    ``revision`` is the copy's revision (the one it was read at). Replacing the
+    session whole with a stale copy would silently erase the checkpoints
+    committed since it was read, so completed steps would run again.
+
+    Raises:
+        StorageError: ``revision`` is not the stored revision.
+    """
+    if revision != stored_revision:
+        raise StorageError(
+            f"session {session_id} changed since this copy was read (copy at revision "
+            f"{revision}, stored revision {stored_revision}): load it again"
+        )
+
+
 def check_durability(durability: str) -> Durability:
-    """Validate a durability mode name."""
+    """Validate a durability mode name; ``InvalidArgumentError`` if unknown."""
     if durability not in DURABILITY_MODES:
-        raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        raise InvalidArgumentError(
+            f"durability must be one of {DURABILITY_MODES}, got {durability!r}"
+        )
     return cast(Durability, durability)

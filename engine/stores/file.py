@@ -17,21 +17,19 @@ import asyncio
 import builtins
 import contextlib
 import fcntl
+import itertools
 import os
 import shutil
 import stat
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
-
-from pydantic import ValidationError
 
 from .. import codec
 from ..errors import (
     CorruptSessionError,
-    DecryptionError,
     EngineError,
     LeaseLostError,
     SessionBusyError,
@@ -41,7 +39,14 @@ from ..errors import (
 )
 from ..log import get_logger
 from ..models import Checkpoint, Session, SessionInfo
-from .base import Durability, Lease, check_durability, validate_session_id
+from .base import (
+    DEFAULT_LEASE_TTL,
+    Durability,
+    Lease,
+    check_durability,
+    check_fresh,
+    validate_session_id,
+)
 
 SNAPSHOT = "snapshot"
 JOURNAL = "journal"
@@ -49,6 +54,8 @@ LOCK = "lock"
 TRASH = ".trash"
 COMPACT_MIN_BYTES = 1 << 20
 """A journal smaller than this is never compacted: replaying it is cheap."""
+READ_ATTEMPTS = 10
+"""Reads of a session that another process is rewriting, before giving up."""
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _T = TypeVar("_T")
@@ -89,7 +96,8 @@ class FileStore:
         self.durability = check_durability(durability)
         self.compact_bytes = compact_bytes
         self._tails: dict[str, _Tail] = {}
-        self._locks: dict[str, int] = {}
+        self._locks: dict[str, tuple[int, Lease]] = {}
+        self._tokens = itertools.count(1)
         self._root_ready = False
 
     def __repr__(self) -> str:
@@ -100,23 +108,29 @@ class FileStore:
     async def create(self, session: Session) -> None:
         """Store a new session: built in a temporary folder, then renamed into place."""
         validate_session_id(session.id)
-        await self._run(self._create_sync, session)
+        frame = _snapshot_frame(session)  # before touching disk: bad data creates nothing
+        await self._run(self._create_sync, session.id, frame)
 
     async def load(self, session_id: str) -> Session | None:
         """Return the session rebuilt from its snapshot and journal, or None."""
         return await self._run(self._load_sync, validate_session_id(session_id))
 
     async def save(self, session: Session) -> None:
-        """Replace the session whole; ``SessionBusyError`` if another runner holds it."""
+        """Replace the session whole; ``SessionBusyError`` if a runner holds it."""
         validate_session_id(session.id)
-        await self._run(self._save_sync, session)
+        saved = session.model_copy(update={"revision": session.revision + 1})
+        await self._run(self._save_sync, saved, _snapshot_frame(saved))
+        session.revision = saved.revision  # only once the new revision is on disk
 
     async def commit(self, lease: Lease, checkpoint: Checkpoint) -> None:
         """Append one checkpoint to the journal and make it durable."""
-        if self._locks.get(lease.session_id) is None:
-            raise LeaseLostError(f"session {lease.session_id}: this store does not hold its lock")
-        frame = codec.encode_frame(checkpoint.revision, checkpoint.model_dump_json().encode())
-        await self._run(self._commit_sync, lease.session_id, frame, checkpoint.revision)
+        session_id = validate_session_id(lease.session_id)
+        held = self._locks.get(session_id)
+        if held is None or held[1] != lease:
+            raise LeaseLostError(f"session {session_id}: this lease is not the one held here")
+        what = f"checkpoint {checkpoint.revision} of session {session_id}"
+        frame = codec.encode_frame(checkpoint.revision, codec.dump_json(checkpoint, what))
+        await self._run(self._commit_sync, session_id, frame, checkpoint.revision)
 
     async def delete(self, session_id: str) -> bool:
         """Remove a session's folder; return whether it existed."""
@@ -126,15 +140,28 @@ class FileStore:
         """Return a row per session folder, unreadable ones with ``problem`` set."""
         return await self._run(self._list_sync)
 
-    async def acquire(self, session_id: str, owner: str) -> Lease | None:
-        """Take the session's ``flock``; None when another runner holds it."""
+    async def acquire(
+        self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
+    ) -> Lease | None:
+        """Take the session's ``flock``; None when another runner holds it.
+
+        ``ttl`` is not needed here: the kernel drops the lock of a process that
+        dies, so a crashed holder is taken over at once.
+        """
         validate_session_id(session_id)
-        locked = await self._run(self._acquire_sync, session_id)
-        return Lease(session_id, owner) if locked else None
+        return await self._run(self._acquire_sync, Lease(session_id, owner, next(self._tokens)))
+
+    async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> None:
+        """Confirm the lock is still held here (it cannot expire while we live)."""
+        held = self._locks.get(validate_session_id(lease.session_id))
+        if held is None or held[1].token != lease.token:
+            raise LeaseLostError(f"session {lease.session_id}: this lease is not the one held")
 
     async def release(self, lease: Lease) -> None:
-        """Release the session's ``flock``."""
-        self._unlock(lease.session_id)
+        """Release the session's ``flock``; a lease already given back is ignored."""
+        held = self._locks.get(validate_session_id(lease.session_id))
+        if held is not None and held[1] == lease:
+            self._unlock(lease.session_id)
 
     async def close(self) -> None:
         """Release every lock this store holds."""
@@ -144,8 +171,14 @@ class FileStore:
     # -- implementation (runs in a worker thread) -----------------------------
 
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped: let its I/O finish before the caller goes on
+            # to release the lock, or a late write could land after another runner's.
+            await asyncio.wait([work])
+            raise
         except OSError as exc:
             raise StorageError(f"file store {self.path}: {exc}") from exc
 
@@ -174,9 +207,8 @@ class FileStore:
             finally:
                 os.close(fd)
 
-    def _write_snapshot(self, folder: Path, session: Session) -> int:
-        """Atomically replace ``folder``'s snapshot; return its size in bytes."""
-        frame = codec.encode_frame(session.revision, session.model_dump_json().encode())
+    def _write_snapshot(self, folder: Path, frame: bytes) -> int:
+        """Atomically replace ``folder``'s snapshot with ``frame``; return its size."""
         temp = folder / f"{SNAPSHOT}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | _O_CLOEXEC
         fd = os.open(temp, flags, 0o600)
@@ -190,41 +222,77 @@ class FileStore:
         self._sync_dir(folder)
         return len(frame)
 
-    def _create_sync(self, session: Session) -> None:
+    def _create_sync(self, session_id: str, frame: bytes) -> None:
         root = self._root()
-        if self._session_dir(session.id) is not None:
-            raise SessionExistsError(f"session {session.id} already exists")
-        building = root / f".creating-{session.id}-{uuid.uuid4().hex}"
+        if self._session_dir(session_id) is not None:
+            raise SessionExistsError(f"session {session_id} already exists")
+        building = root / f".creating-{session_id}-{uuid.uuid4().hex}"
         building.mkdir(mode=0o700)
         try:
-            self._write_snapshot(building, session)
+            self._write_snapshot(building, frame)
             try:
-                building.rename(root / session.id)
+                building.rename(root / session_id)
             except OSError as exc:  # a concurrent create of the same id won the race
-                raise SessionExistsError(f"session {session.id} already exists") from exc
+                raise SessionExistsError(f"session {session_id} already exists") from exc
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
         self._sync_dir(root)
 
     def _load_sync(self, session_id: str) -> Session | None:
-        folder = self._session_dir(session_id)
-        if folder is None:
-            return None
+        found = self._read_session(session_id)
+        return None if found is None else found[0]
+
+    def _read_session(self, session_id: str) -> tuple[Session, _Tail] | None:
+        """Read a consistent view of a session, even while another process writes it.
+
+        A reader holds no lock, so a compaction elsewhere (snapshot rename, then
+        journal truncation and new appends) may run between reading the two files:
+        a snapshot replaced meanwhile means read again, and so does a failed check
+        on bytes that changed under us. Corruption that reads the same twice is real.
+        """
+        previous: tuple[bytes, bytes] | None = None
+        for _ in range(READ_ATTEMPTS):
+            folder = self._session_dir(session_id)
+            if folder is None:
+                return None
+            snapshot_path = folder / SNAPSHOT
+            try:
+                fd = os.open(snapshot_path, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+            except FileNotFoundError:
+                if self._session_dir(session_id) is None:
+                    return None  # deleted while we looked
+                raise CorruptSessionError(f"{snapshot_path}: snapshot missing") from None
+            # Keep the snapshot open until the check: its inode cannot be reused meanwhile.
+            with os.fdopen(fd, "rb") as handle:
+                inode = os.fstat(fd).st_ino
+                snapshot = handle.read()
+                journal = _read(folder / JOURNAL) or b""
+                replaced = _inode(snapshot_path) != inode
+            if replaced:
+                continue
+            try:
+                return self._decode_session(session_id, folder, snapshot, journal)
+            except CorruptSessionError:
+                if previous == (snapshot, journal):
+                    raise
+                previous = (snapshot, journal)
+        raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
+
+    def _decode_session(
+        self, session_id: str, folder: Path, snapshot: bytes, journal: bytes
+    ) -> tuple[Session, _Tail]:
         snapshot_path = folder / SNAPSHOT
-        raw = _read(snapshot_path)
-        if raw is None:
-            raise CorruptSessionError(f"{snapshot_path}: snapshot missing")
-        scan = codec.scan_frames(raw, str(snapshot_path))
+        scan = codec.scan_frames(snapshot, str(snapshot_path))
         if scan.torn_tail or len(scan.frames) != 1:
             raise CorruptSessionError(f"{snapshot_path}: expected one complete record")
         frame = scan.frames[0]
-        session = _decode(Session, frame, snapshot_path)
+        session = codec.decode_model(Session, frame, str(snapshot_path))
         if session.id != session_id or session.revision != frame.seq:
             raise CorruptSessionError(f"{snapshot_path}: record belongs to another session")
 
         journal_path = folder / JOURNAL
-        scan = codec.scan_frames(_read(journal_path) or b"", str(journal_path))
+        scan = codec.scan_frames(journal, str(journal_path))
         for frame in scan.frames:
             if frame.seq <= session.revision:
                 continue  # already folded into the snapshot by a compaction
@@ -233,19 +301,20 @@ class FileStore:
                     f"{journal_path}: record {frame.seq} at offset {frame.offset} "
                     f"does not follow revision {session.revision}"
                 )
-            checkpoint = _decode(Checkpoint, frame, journal_path)
+            checkpoint = codec.decode_model(Checkpoint, frame, str(journal_path))
             if checkpoint.revision != frame.seq:
                 raise CorruptSessionError(f"{journal_path}: mislabelled record at {frame.offset}")
             session.apply(checkpoint)
-        self._tails[session_id] = _Tail(scan.valid_end, session.revision, len(raw))
-        return session
+        return session, _Tail(scan.valid_end, session.revision, len(snapshot))
 
     def _tail(self, session_id: str) -> _Tail:
+        """Return where the journal ends; only the lock holder caches it."""
         tail = self._tails.get(session_id)
         if tail is None:
-            if self._load_sync(session_id) is None:
+            found = self._read_session(session_id)
+            if found is None:
                 raise SessionNotFoundError(f"session {session_id} not found")
-            tail = self._tails[session_id]
+            tail = self._tails[session_id] = found[1]
         return tail
 
     def _commit_sync(self, session_id: str, frame: bytes, revision: int) -> None:
@@ -291,15 +360,18 @@ class FileStore:
     def _compact_quietly(self, session_id: str) -> None:
         """Fold the journal into the snapshot; a failure here loses nothing committed."""
         try:
-            session = self._load_sync(session_id)
-            if session is not None:
-                self._replace_whole(self._root() / session_id, session)
+            found = self._read_session(session_id)
+            if found is not None:
+                session = found[0]
+                folder = self._root() / session_id
+                self._replace_whole(folder, _snapshot_frame(session), session)
         except (OSError, EngineError) as exc:
             self._tails.pop(session_id, None)
             _log.warning("compaction.failed", session_id=session_id, error=str(exc))
 
-    def _replace_whole(self, folder: Path, session: Session) -> None:
-        size = self._write_snapshot(folder, session)
+    def _replace_whole(self, folder: Path, frame: bytes, session: Session) -> None:
+        """Make ``frame`` (``session`` encoded) the snapshot and empty the journal."""
+        size = self._write_snapshot(folder, frame)
         journal = folder / JOURNAL
         try:
             fd = os.open(journal, os.O_WRONLY | os.O_NOFOLLOW | _O_CLOEXEC)
@@ -314,19 +386,18 @@ class FileStore:
                 os.close(fd)
         self._tails[session.id] = _Tail(0, session.revision, size)
 
-    def _save_sync(self, session: Session) -> None:
-        folder = self._session_dir(session.id)
+    def _save_sync(self, saved: Session, frame: bytes) -> None:
+        folder = self._session_dir(saved.id)
         if folder is None:
-            raise SessionNotFoundError(f"session {session.id} not found")
-        borrowed = session.id not in self._locks
-        if borrowed and not self._acquire_sync(session.id):
-            raise SessionBusyError(f"session {session.id} is being run by another runner")
+            raise SessionNotFoundError(f"session {saved.id} not found")
+        # Held here or elsewhere, a lease means a runner is committing: never overwrite.
+        if not self._acquire_sync(Lease(saved.id, "save", next(self._tokens))):
+            raise SessionBusyError(f"session {saved.id} is being run by another runner")
         try:
-            session.revision = max(self._tail(session.id).revision, session.revision) + 1
-            self._replace_whole(folder, session)
+            check_fresh(saved.id, saved.revision - 1, self._tail(saved.id).revision)
+            self._replace_whole(folder, frame, saved)
         finally:
-            if borrowed:
-                self._unlock(session.id)
+            self._unlock(saved.id)
 
     def _delete_sync(self, session_id: str) -> bool:
         folder = self._session_dir(session_id)
@@ -351,34 +422,73 @@ class FileStore:
                 continue  # not a session folder: .trash, an interrupted create, ...
             try:
                 session = self._load_sync(name)
-            except (CorruptSessionError, DecryptionError) as exc:
+            except (StorageError, OSError) as exc:
+                # Unreadable (corrupt, undecryptable, a symlink, unreadable bytes):
+                # report it rather than hide it or fail the whole listing.
                 rows.append(SessionInfo(id=name, problem=str(exc)))
                 continue
             if session is not None:
                 rows.append(SessionInfo.of(session))
         return rows
 
-    def _acquire_sync(self, session_id: str) -> bool:
+    def _acquire_sync(self, lease: Lease) -> Lease | None:
+        session_id = lease.session_id
         folder = self._session_dir(session_id)
         if folder is None:
             raise SessionNotFoundError(f"session {session_id} not found")
         if session_id in self._locks:
-            return False
+            return None
         fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            return False
-        self._locks[session_id] = fd
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            lease = replace(lease, takeovers=_record_holder(fd, lease.owner))
+        except BaseException:
+            os.close(fd)
+            raise
+        self._locks[session_id] = (fd, lease)
         self._tails.pop(session_id, None)  # another process may have written meanwhile
-        return True
+        return lease
 
     def _unlock(self, session_id: str) -> None:
-        fd = self._locks.pop(session_id, None)
+        held = self._locks.pop(session_id, None)
         self._tails.pop(session_id, None)
-        if fd is not None:
-            os.close(fd)  # closing the only descriptor releases the flock
+        if held is not None:
+            # An empty lock file says "released on purpose"; a holder that crashes
+            # leaves its name in it, which the next holder counts as a takeover.
+            with contextlib.suppress(OSError):
+                os.ftruncate(held[0], 0)
+            os.close(held[0])  # closing the only descriptor releases the flock
+
+
+def _record_holder(fd: int, owner: str) -> int:
+    """Write our name into the lock file; return the takeovers it now records."""
+    previous = os.pread(fd, 256, 0).split()
+    takeovers = 0
+    if previous:  # the last holder never released: it died holding the lock
+        takeovers = 1 + (int(previous[1]) if len(previous) > 1 and previous[1].isdigit() else 0)
+    record = f"{owner} {takeovers}\n".encode()
+    os.ftruncate(fd, 0)
+    _write_all(fd, record, 0)
+    return takeovers
+
+
+def _snapshot_frame(session: Session) -> bytes:
+    body = codec.dump_json(session, f"session {session.id}")
+    return codec.encode_frame(session.revision, body)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.lstat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _read(path: Path) -> bytes | None:
@@ -403,17 +513,3 @@ def _truncate_quietly(fd: int, size: int) -> None:
     # If even this fails, the record stays unacknowledged and the next commit re-reads.
     with contextlib.suppress(OSError):
         os.ftruncate(fd, size)
-
-
-_M = TypeVar("_M", Session, Checkpoint)
-
-
-def _decode(model: type[_M], frame: codec.Frame, path: Path) -> _M:
-    body = codec.plain_body(frame, str(path))
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise CorruptSessionError(
-            f"{path}: undecodable record at offset {frame.offset}: "
-            f"{exc.error_count()} validation error(s)"
-        ) from None

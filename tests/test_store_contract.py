@@ -1,0 +1,603 @@
+"""The Store contract: every store (memory, file, later SQLite and Postgres) passes it."""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import (
+    Checkpoint,
+    InvalidSessionIdError,
+    Lease,
+    LeaseLostError,
+    SerializationError,
+    Session,
+    SessionBusyError,
+    SessionExistsError,
+    SessionInfo,
+    SessionNotFoundError,
+    StorageError,
+    Store,
+    ToolResult,
+)
+from engine.models import utcnow
+
+MakeSession = Callable[..., Session]
+
+
+def checkpoint_for(session: Session, **changes: Any) -> Checkpoint:
+    """The checkpoint that follows ``session``'s revision."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "revision": session.revision + 1,
+        "status": "running",
+        "last_activity": now,
+        "expires_at": now + timedelta(hours=1),
+    }
+    values.update(changes)
+    return Checkpoint(**values)
+
+
+def tool_result(name: str, output: Any = None, error: str | None = None) -> ToolResult:
+    now = utcnow()
+    return ToolResult(
+        name=name, output=output, error=error, started_at=now, finished_at=now, duration=0.0
+    )
+
+
+async def commit(store: Store, lease: Lease, session: Session, **changes: Any) -> Checkpoint:
+    """Commit the next checkpoint and apply it to ``session`` as a runner would."""
+    checkpoint = checkpoint_for(session, **changes)
+    await store.commit(lease, checkpoint)
+    session.apply(checkpoint)
+    return checkpoint
+
+
+def tree(folder: Path) -> list[str]:
+    """Every path under ``folder``, relative to it."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+async def lease_for(store: Store, session_id: str, owner: str = "runner-a") -> Lease:
+    lease = await store.acquire(session_id, owner)
+    assert lease is not None
+    return lease
+
+
+# -- create and load ------------------------------------------------------------
+
+
+async def test_create_then_load_returns_every_field(
+    store: Store, make_session: MakeSession
+) -> None:
+    now = utcnow()
+    session = make_session(
+        context={
+            "user_id": "ユーザー-1",
+            "ai_provider": "google-ai",
+            "permissions": ["r", "w"],
+            "tenant": {"id": 7, "name": "Zoë"},
+        },
+        state={
+            "testData": {"value": 42, "nested": [1, 2.5, None, True, {"deep": ["é", "🚀"]}]},
+            "big": "x" * (1 << 20),
+            "ключ": "значение",
+            "nul": "a\u0000b",
+        },
+        tool_history=[
+            tool_result("fetch", output={"pages": ["a", "b"]}),
+            tool_result("fetch", error="TimeoutError: slow"),
+        ],
+        metadata={
+            "user_agent": "cli/1.0",
+            "origin": "tests",
+            "tags": ["analysis", "日本"],
+            "priority": 3,
+            "owner": {"team": "data"},
+        },
+        created_at=now - timedelta(minutes=5),
+        last_activity=now,
+        expires_at=now + timedelta(hours=2),
+        ttl=7200.0,
+        ttl_policy="fixed",
+        status="waiting",
+        workflow="report",
+        workflow_version="2",
+        workflow_fingerprint="abc123",
+        workflow_source="def fetch(): ...",
+        input={"query": "q"},
+        steps_done=["fetch"],
+        outputs={"fetch": ["a", "b"]},
+        attempts={"fetch": 2},
+        error=None,
+    )
+
+    await store.create(session)
+    loaded = await store.load(session.id)
+
+    assert loaded == session
+    assert loaded is not session
+    assert loaded.model_dump() == session.model_dump()
+
+
+async def test_stored_session_is_isolated_from_the_callers_objects(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given a stored session
+    session = make_session(state={"items": [1]})
+    await store.create(session)
+
+    # When the caller mutates what it passed in and what it loaded
+    session.state["items"].append(2)
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    loaded.state["items"].append(3)
+
+    # Then the stored session is unchanged
+    again = await store.load(session.id)
+    assert again is not None
+    assert again.state == {"items": [1]}
+
+
+async def test_create_of_an_existing_id_raises_and_keeps_the_original(
+    store: Store, make_session: MakeSession
+) -> None:
+    original = make_session(state={"v": 1})
+    await store.create(original)
+
+    with pytest.raises(SessionExistsError, match=original.id):
+        await store.create(make_session(id=original.id, state={"v": 2}))
+
+    assert await store.load(original.id) == original
+
+
+async def test_load_of_an_unknown_id_returns_none(store: Store) -> None:
+    assert await store.load(str(uuid.uuid4())) is None
+
+
+async def test_non_finite_floats_round_trip_instead_of_becoming_null(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = make_session(state={"ratio": math.nan, "bounds": [-math.inf, math.inf]})
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+    await commit(store, lease, session, step="divide", output={"r": math.nan, "top": math.inf})
+
+    loaded = await store.load(session.id)
+
+    assert loaded is not None
+    assert math.isnan(loaded.state["ratio"])
+    assert loaded.state["bounds"] == [-math.inf, math.inf]
+    assert math.isnan(loaded.outputs["divide"]["r"])
+    assert loaded.outputs["divide"]["top"] == math.inf
+
+
+async def test_create_refuses_state_that_is_not_json(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = make_session(state={"blob": b"\xff\xfe", "lone": "\ud800"})
+
+    with pytest.raises(SerializationError):
+        await store.create(session)
+
+    assert await store.load(session.id) is None
+    assert await store.list() == []
+
+
+# -- session ids ----------------------------------------------------------------
+
+BAD_IDS = [
+    pytest.param("../x", id="dot-dot"),
+    pytest.param("", id="empty"),
+    pytest.param("a" * 1000, id="very-long"),
+    pytest.param(str(uuid.uuid4()).upper(), id="uppercase-uuid4"),
+    pytest.param(str(uuid.uuid1()), id="uuid1"),
+    pytest.param(f"{{{uuid.uuid4().hex}}}", id="braces-no-hyphens"),
+    pytest.param(uuid.uuid4().hex, id="no-hyphens"),
+    pytest.param("../../" + str(uuid.uuid4())[6:], id="dot-dot-36-chars"),
+    pytest.param(123, id="int"),
+    pytest.param(None, id="none"),
+    pytest.param(uuid.uuid4(), id="uuid-object"),
+]
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS)
+async def test_every_method_rejects_an_invalid_id_before_touching_storage(
+    store: Store, make_session: MakeSession, tmp_path: Path, bad_id: object
+) -> None:
+    # Given a session object and a lease that carry the bad id (bypassing validation)
+    good = make_session()
+    session = Session.model_construct(**{**dict(good), "id": bad_id})
+    lease = Lease(bad_id, "runner-a")  # type: ignore[arg-type]
+    checkpoint = checkpoint_for(good)
+
+    # When every id-taking method is called with it
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.create(session),
+        lambda: store.load(bad_id),  # type: ignore[arg-type]
+        lambda: store.save(session),
+        lambda: store.commit(lease, checkpoint),
+        lambda: store.delete(bad_id),  # type: ignore[arg-type]
+        lambda: store.acquire(bad_id, "runner-a"),  # type: ignore[arg-type]
+        lambda: store.release(lease),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidSessionIdError):
+            await call()
+
+    # Then nothing was created anywhere (not even the store's folder)
+    assert tree(tmp_path) == []
+    assert await store.list() == []
+
+
+# -- leases and commits ---------------------------------------------------------
+
+
+async def test_commit_applies_a_checkpoint_atomically(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = make_session(state={"keep": 1, "drop": 2})
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+
+    await commit(
+        store,
+        lease,
+        session,
+        step="fetch",
+        output={"pages": ["a"]},
+        state_set={"added": [1, 2]},
+        state_unset=["drop"],
+        tool_results=[tool_result("fetch", output={"pages": ["a"]})],
+        attempts={"fetch": 1},
+    )
+
+    loaded = await store.load(session.id)
+    assert loaded == session
+    assert loaded.revision == 1
+    assert loaded.steps_done == ["fetch"]
+    assert loaded.state == {"keep": 1, "added": [1, 2]}
+    assert [r.name for r in loaded.tool_history] == ["fetch"]
+
+
+async def test_commit_requires_the_lease(store: Store, make_session: MakeSession) -> None:
+    session = make_session()
+    await store.create(session)
+
+    # Without ever acquiring
+    with pytest.raises(LeaseLostError):
+        await store.commit(Lease(session.id, "runner-a"), checkpoint_for(session))
+
+    # After releasing
+    lease = await lease_for(store, session.id)
+    await store.release(lease)
+    with pytest.raises(LeaseLostError):
+        await store.commit(lease, checkpoint_for(session))
+
+    assert await store.load(session.id) == session
+
+
+async def test_a_lease_someone_else_holds_cannot_commit(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given runner-b holds the lease
+    session = make_session()
+    await store.create(session)
+    held = await lease_for(store, session.id, "runner-b")
+
+    # When runner-a commits with a lease it made up, or with one it released earlier
+    with pytest.raises(LeaseLostError):
+        await store.commit(Lease(session.id, "runner-a"), checkpoint_for(session))
+
+    # Then nothing was written
+    assert await store.load(session.id) == session
+    await store.release(held)
+
+
+async def test_a_stale_lease_cannot_commit_after_the_session_changed_hands(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given runner-a acquired and released, then runner-b acquired
+    session = make_session()
+    await store.create(session)
+    stale = await lease_for(store, session.id, "runner-a")
+    await store.release(stale)
+    current = await lease_for(store, session.id, "runner-b")
+
+    # When runner-a commits with its old lease
+    with pytest.raises(LeaseLostError):
+        await store.commit(stale, checkpoint_for(session))
+
+    # Then the session is untouched and runner-b still commits
+    assert await store.load(session.id) == session
+    await commit(store, current, session, step="one")
+    assert await store.load(session.id) == session
+
+
+async def test_acquire_twice_returns_none_the_second_time(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = make_session()
+    await store.create(session)
+    first = await lease_for(store, session.id, "runner-a")
+
+    assert await store.acquire(session.id, "runner-b") is None
+    assert await store.acquire(session.id, "runner-a") is None
+
+    await store.release(first)
+    assert await store.acquire(session.id, "runner-b") is not None
+
+
+async def test_release_twice_is_harmless(store: Store, make_session: MakeSession) -> None:
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+
+    await store.release(lease)
+    await store.release(lease)
+
+    assert await store.acquire(session.id, "runner-b") is not None
+
+
+async def test_acquire_of_an_unknown_session_raises(store: Store) -> None:
+    with pytest.raises(SessionNotFoundError):
+        await store.acquire(str(uuid.uuid4()), "runner-a")
+
+
+@pytest.mark.parametrize("bad_revision", [0, 1, 3])
+async def test_commit_revision_must_follow_the_stored_one(
+    store: Store, make_session: MakeSession, bad_revision: int
+) -> None:
+    # Given a session at revision 1
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+    await commit(store, lease, session, step="one", output=1)
+
+    # When a checkpoint that does not follow revision 1 is committed
+    with pytest.raises(StorageError, match="revision"):
+        await store.commit(lease, checkpoint_for(session, revision=bad_revision, step="two"))
+
+    # Then the session is unchanged and the right revision still commits
+    assert await store.load(session.id) == session
+    await commit(store, lease, session, step="two", output=2)
+    assert await store.load(session.id) == session
+
+
+async def test_commit_refuses_an_output_that_is_not_json(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+
+    with pytest.raises(SerializationError):
+        await store.commit(lease, checkpoint_for(session, step="one", output=object()))
+
+    assert await store.load(session.id) == session
+    await commit(store, lease, session, step="one", output="fine")
+    assert await store.load(session.id) == session
+
+
+async def test_commit_to_a_deleted_session_fails(store: Store, make_session: MakeSession) -> None:
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+    assert await store.delete(session.id)
+
+    with pytest.raises((LeaseLostError, SessionNotFoundError)):
+        await store.commit(lease, checkpoint_for(session))
+
+    assert await store.load(session.id) is None
+
+
+# -- save, delete, list ---------------------------------------------------------
+
+
+async def test_save_replaces_the_session_whole_and_bumps_the_revision(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given a session with a committed step
+    session = make_session(state={"a": 1, "b": 2})
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+    await commit(store, lease, session, step="one", output=1)
+    await store.release(lease)
+
+    # When a changed copy is saved
+    changed = await store.load(session.id)
+    assert changed is not None
+    changed.state = {"c": 3}
+    changed.metadata.tags = ["saved"]
+    changed.status = "completed"
+    await store.save(changed)
+
+    # Then the stored session is exactly the saved one, one revision later
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert loaded.revision == 2
+    assert changed.revision == 2
+    assert loaded == changed
+
+
+async def test_save_of_a_copy_read_before_the_latest_commit_is_refused(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given a copy read before a runner committed a step
+    session = make_session()
+    await store.create(session)
+    stale = await store.load(session.id)
+    assert stale is not None
+    lease = await lease_for(store, session.id)
+    await commit(store, lease, session, step="one", output=1)
+    await store.release(lease)
+
+    # When the stale copy is saved whole
+    stale.state["x"] = 1
+    with pytest.raises(StorageError, match="changed since"):
+        await store.save(stale)
+
+    # Then the committed step is still there, and the refused copy kept its revision
+    assert await store.load(session.id) == session
+    assert stale.revision == 0
+
+
+async def test_save_of_an_unknown_session_raises(store: Store, make_session: MakeSession) -> None:
+    session = make_session()
+
+    with pytest.raises(SessionNotFoundError):
+        await store.save(session)
+
+    assert await store.load(session.id) is None
+
+
+async def test_save_while_a_lease_is_held_raises_busy(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given a runner holds the session (through this very store)
+    session = make_session(state={"v": 1})
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+
+    # When someone saves a changed copy
+    changed = session.model_copy(deep=True)
+    changed.state["v"] = 2
+    with pytest.raises(SessionBusyError):
+        await store.save(changed)
+
+    # Then the runner's commits still follow and nothing was overwritten
+    await commit(store, lease, session, step="one")
+    assert await store.load(session.id) == session
+
+
+async def test_save_refuses_state_that_is_not_json(store: Store, make_session: MakeSession) -> None:
+    session = make_session(state={"v": 1})
+    await store.create(session)
+
+    broken = session.model_copy(deep=True)
+    broken.state["v"] = b"\xff"
+    with pytest.raises(SerializationError):
+        await store.save(broken)
+
+    assert await store.load(session.id) == session
+
+
+async def test_delete_returns_whether_the_session_existed(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = make_session()
+    await store.create(session)
+
+    assert await store.delete(session.id) is True
+    assert await store.delete(session.id) is False
+    assert await store.load(session.id) is None
+    assert await store.list() == []
+    with pytest.raises(SessionNotFoundError):
+        await store.acquire(session.id, "runner-a")
+
+
+async def test_a_deleted_id_can_be_created_and_leased_again(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = make_session()
+    await store.create(session)
+    await lease_for(store, session.id, "runner-a")
+    assert await store.delete(session.id)
+
+    again = make_session(id=session.id, state={"second": True})
+    await store.create(again)
+
+    assert await store.acquire(session.id, "runner-b") is not None
+    assert await store.load(session.id) == again
+
+
+async def test_list_returns_one_row_per_session(store: Store, make_session: MakeSession) -> None:
+    # Given three sessions, one of them with two committed steps
+    sessions = [
+        make_session(workflow="report", status="pending"),
+        make_session(workflow=None, status="completed"),
+        make_session(workflow="etl", status="failed", error="boom"),
+    ]
+    for session in sessions:
+        await store.create(session)
+    lease = await lease_for(store, sessions[0].id)
+    await commit(store, lease, sessions[0], step="one")
+    await commit(store, lease, sessions[0], step="two", status="waiting")
+
+    # When listing
+    rows = await store.list()
+
+    # Then each row summarises its session
+    assert sorted(rows, key=lambda row: row.id) == sorted(
+        (SessionInfo.of(session) for session in sessions), key=lambda row: row.id
+    )
+    by_id = {row.id: row for row in rows}
+    assert by_id[sessions[0].id].steps_done == 2
+    assert by_id[sessions[0].id].status == "waiting"
+    assert all(row.problem is None for row in rows)
+
+
+async def test_close_is_idempotent(store: Store, make_session: MakeSession) -> None:
+    session = make_session()
+    await store.create(session)
+    await lease_for(store, session.id)
+
+    await store.close()
+    await store.close()
+
+
+# -- size and history -----------------------------------------------------------
+
+
+async def test_a_ten_thousand_step_session_keeps_every_step(
+    make_store: Callable[..., Store], make_session: MakeSession
+) -> None:
+    # Given a session (durability "none": this test is about history, not syncing)
+    store = make_store(durability="none")
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+
+    # When 10,000 small checkpoints are committed
+    steps = 10_000
+    for index in range(steps):
+        checkpoint = checkpoint_for(
+            session,
+            step=f"step-{index}",
+            output={"i": index},
+            state_set={"last": index},
+            tool_results=[tool_result(f"step-{index}", output=index)],
+        )
+        await store.commit(lease, checkpoint)
+        session.revision = checkpoint.revision
+
+    # Then loading returns all of them, in order
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert loaded.revision == steps
+    assert loaded.steps_done == [f"step-{index}" for index in range(steps)]
+    assert loaded.outputs == {f"step-{index}": {"i": index} for index in range(steps)}
+    assert [result.output for result in loaded.tool_history] == list(range(steps))
+    assert loaded.state == {"last": steps - 1}
+
+
+async def test_a_ten_megabyte_output_round_trips(store: Store, make_session: MakeSession) -> None:
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+    big = {"blob": os.urandom(5 << 20).hex(), "list": list(range(1000))}
+
+    await commit(store, lease, session, step="big", output=big)
+    await commit(store, lease, session, step="after", output="small")
+
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert loaded.outputs["big"] == big
+    assert loaded == session
