@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -23,12 +24,16 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from .cli_support import (
+    DEFAULT_STORE,
+    JsonOption,
     Outcome,
     StepProgress,
+    StoreOption,
     WorkflowFiles,
     check_resumable,
     dump_json,
     one_line,
+    open_cli_store,
     split_target,
     summary_table,
     workflow_for_session,
@@ -38,10 +43,9 @@ from .errors import EngineError, SessionBusyError, StepFailedError
 from .log import configure_logging
 from .models import UNFINISHED, Session, utcnow
 from .runner import Runner
-from .stores import Store, open_store, validate_session_id
+from .stores import Store, validate_session_id
 from .workflow import Workflow
 
-DEFAULT_STORE = "./sessions"
 MAX_TTL = 100 * 365 * 24 * 3600.0
 """Longer TTLs overflow a datetime; nobody means them."""
 
@@ -95,17 +99,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-StoreOption = Annotated[
-    str,
-    typer.Option(
-        "--store",
-        envvar="STEPVAULT_STORE",
-        help="Where sessions live: a folder, file://folder or memory://.",
-    ),
-]
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print one JSON result on stdout and no progress.")
-]
 WorkflowFilesOption = Annotated[
     list[Path] | None,
     typer.Option(
@@ -277,10 +270,8 @@ async def _settle(runner: Runner, session_id: str, workflow: str | None) -> Outc
 
 
 def _runner(store_url: str, view: StepProgress) -> Runner:
-    key = os.environ.get("SESSION_ENCRYPTION_KEY") or None
-    store = open_store(store_url, encryption_key=key)
     # No background sweep: removing expired sessions is `stepvault cleanup`'s job.
-    return Runner(store, cleanup_interval=None, hooks=[view])
+    return Runner(open_cli_store(store_url), cleanup_interval=None, hooks=[view])
 
 
 # -- around the event loop ------------------------------------------------------------
@@ -364,9 +355,21 @@ def _configure_logs() -> None:
     configure_logging(level=level if level in known else "ERROR")
 
 
+# Each topic module adds its commands to the app; a new topic adds one line here.
+_COMMAND_GROUPS: list[Callable[[typer.Typer], None]] = []
+for _register in _COMMAND_GROUPS:
+    _register(app)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Run the ``stepvault`` command: the console script's entry point."""
     _configure_logs()
+    # `kill` and `docker stop` send SIGTERM: stop as cleanly as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     app(prog_name="stepvault")
 
 

@@ -1,13 +1,15 @@
-"""Helpers for the command line: loading workflow files and showing step progress.
+"""Helpers for the command line: shared options, opening the store, loading
+workflow files and showing step progress.
 
-Only ``engine/cli.py`` imports this module; like the CLI it may use rich, and the
-engine proper never imports either.
+Only the command-line modules import this one; like them it may use typer and
+rich, and the engine proper never imports any of them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 import uuid
@@ -15,9 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic_core
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -34,7 +37,27 @@ from rich.text import Text
 from .errors import EngineError, SessionExpiredError, SessionNotFoundError
 from .models import Session
 from .runner import StepEvent
+from .stores import Store, open_store
 from .workflow import Workflow
+
+DEFAULT_STORE = "./sessions"
+
+StoreOption = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        envvar="STEPVAULT_STORE",
+        help="Where sessions live: a folder, file://folder or memory://.",
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON result on stdout and no progress.")
+]
+
+
+def open_cli_store(url: str) -> Store:
+    """Open the store a command names, with the key from ``SESSION_ENCRYPTION_KEY``."""
+    return open_store(url, encryption_key=os.environ.get("SESSION_ENCRYPTION_KEY") or None)
 
 
 class WorkflowFileError(EngineError):
