@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from . import cli_security, cli_sessions, cli_stores, cli_ui, cli_workflows
 from .cli_support import (
     DEFAULT_STORE,
     JsonOption,
@@ -95,7 +96,7 @@ app = typer.Typer(
     cls=_OneLineErrors,
     help="Run durable workflows and resume them after a crash or a Ctrl-C.",
     epilog="Engine log level: STEPVAULT_LOG_LEVEL (default ERROR).",
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -155,6 +156,13 @@ def resume(
     ] = False,
     store: StoreOption = DEFAULT_STORE,
     workflow: WorkflowFilesOption = None,
+    from_step: Annotated[
+        str | None,
+        typer.Option(
+            "--from-step",
+            help="Run the session again from this step, in place (its history is kept).",
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Continue sessions from their last completed step; completed steps never run again."""
@@ -162,11 +170,15 @@ def resume(
         raise typer.BadParameter("give a session ID or --all, not both", param_hint="ID")
     if session_id is None and not every:
         raise typer.BadParameter("give a session ID, or --all for every one", param_hint="ID")
+    if from_step is not None and every:
+        raise typer.BadParameter("--from-step needs one session ID", param_hint="'--from-step'")
     view = _view(json_output)
     files = workflow or []
     if session_id is not None:
         validate_session_id(session_id)
-        coro = _resume_one(session_id, store_url=store, given_files=files, view=view)
+        coro = _resume_one(
+            session_id, store_url=store, given_files=files, view=view, from_step=from_step
+        )
         _report(_run_to_end(view, store, coro), store, as_json=json_output)
         return
     outcomes = _run_to_end(view, store, _resume_all(store_url=store, given_files=files, view=view))
@@ -187,7 +199,12 @@ async def _run(
 
 
 async def _resume_one(
-    session_id: str, *, store_url: str, given_files: list[Path], view: StepProgress
+    session_id: str,
+    *,
+    store_url: str,
+    given_files: list[Path],
+    view: StepProgress,
+    from_step: str | None = None,
 ) -> Outcome:
     files = WorkflowFiles()
     given = workflows_from_files(files, given_files) if given_files else None
@@ -195,6 +212,14 @@ async def _resume_one(
         session = check_resumable(await runner.store.load(session_id), session_id)
         workflow = workflow_for_session(files, session, given)
         runner.register(workflow)
+        if from_step is not None:
+            view.watch(session.id, workflow.name, len(workflow.steps), workflow.index(from_step))
+            view.note(f"session {session.id}: running again from step {from_step}")
+            try:
+                output = await runner.restart(session.id, from_step=from_step)
+            except StepFailedError as exc:
+                return Outcome(session.id, workflow.name, "failed", error=str(exc))
+            return Outcome(session.id, workflow.name, "completed", output)
         view.watch(session.id, workflow.name, len(workflow.steps), session.cursor)
         view.note(f"session {session.id} {session.status} (workflow {workflow.name})")
         return await _finish(runner, session.id, workflow.name, retry_failed=True)
@@ -356,7 +381,13 @@ def _configure_logs() -> None:
 
 
 # Each topic module adds its commands to the app; a new topic adds one line here.
-_COMMAND_GROUPS: list[Callable[[typer.Typer], None]] = []
+_COMMAND_GROUPS: list[Callable[[typer.Typer], None]] = [
+    cli_sessions.register,
+    cli_security.register,
+    cli_workflows.register,
+    cli_stores.register,
+    cli_ui.register,
+]
 for _register in _COMMAND_GROUPS:
     _register(app)
 

@@ -7,6 +7,12 @@ A frame is a 24-byte header followed by the body::
 The header has its own checksum so that a damaged length field is reported as
 corruption instead of being mistaken for a torn (never acknowledged) tail, which
 would silently drop every acknowledged record after it.
+
+With flag bit 0 set the body is sealed (``engine.crypto``): data key id (8 bytes),
+nonce (12), AES-256-GCM ciphertext and tag, with the session id, the record's
+kind (the model's name: ``Session`` or ``Checkpoint``) and ``seq`` as associated
+data. The CRCs cover the sealed bytes, so damage is still told from a torn tail
+without any key.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
+from .crypto import SessionKeys, sealed_key_id
 from .errors import CorruptSessionError, DecryptionError, SerializationError
 
 MAGIC = b"SV"
@@ -72,16 +79,25 @@ def dump_json(model: BaseModel, what: str) -> bytes:
         raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
 
 
+def check_record_size(seq: int, size: int) -> None:
+    """Refuse a record body of ``size`` bytes before anything is written.
+
+    Raises:
+        SerializationError: ``size`` is larger than ``MAX_RECORD_BYTES``.
+    """
+    if size > MAX_RECORD_BYTES:
+        raise SerializationError(
+            f"record {seq} of {size} bytes exceeds the limit of {MAX_RECORD_BYTES} bytes"
+        )
+
+
 def encode_frame(seq: int, body: bytes, flags: int = 0) -> bytes:
     """Frame ``body`` as record number ``seq``.
 
     Raises:
         SerializationError: ``body`` is larger than ``MAX_RECORD_BYTES``.
     """
-    if len(body) > MAX_RECORD_BYTES:
-        raise SerializationError(
-            f"record {seq} of {len(body)} bytes exceeds the limit of {MAX_RECORD_BYTES} bytes"
-        )
+    check_record_size(seq, len(body))
     head = _HEAD.pack(MAGIC, FORMAT, flags, len(body), seq, zlib.crc32(body))
     return head + _HEADER_CRC.pack(zlib.crc32(head)) + body
 
@@ -121,20 +137,55 @@ def scan_frames(buf: bytes, source: str) -> FrameScan:
     return FrameScan(frames, pos, torn_tail=False)
 
 
-def plain_body(frame: Frame, source: str) -> bytes:
-    """Return a frame's body, refusing encrypted records this build cannot open."""
-    if frame.flags & FLAG_ENCRYPTED:
-        raise DecryptionError(
-            f"{source}: record at offset {frame.offset} is encrypted and no key was given"
-        )
-    if frame.flags:
+def seal_frame(seq: int, kind: str, body: bytes, keys: SessionKeys | None = None) -> bytes:
+    """Frame ``body`` as record ``seq`` of kind ``kind``, sealed under ``keys`` if given.
+
+    Raises:
+        SerializationError: the record is larger than ``MAX_RECORD_BYTES``.
+    """
+    if keys is None:
+        return encode_frame(seq, body)
+    return encode_frame(seq, keys.seal(seq, kind, body), FLAG_ENCRYPTED)
+
+
+def encode_model(seq: int, model: BaseModel, what: str, keys: SessionKeys | None = None) -> bytes:
+    """Encode ``model`` as record ``seq``: JSON, sealed under ``keys`` if given, framed.
+
+    Raises:
+        SerializationError: a value is not JSON, or the record is too large.
+    """
+    return seal_frame(seq, type(model).__name__, dump_json(model, what), keys)
+
+
+def plain_body(frame: Frame, source: str, keys: SessionKeys | None = None, kind: str = "") -> bytes:
+    """Return a frame's body, decrypted with ``keys`` when it is sealed.
+
+    Raises:
+        DecryptionError: the record is sealed and no keys were given (naming its key id).
+        CorruptSessionError: unknown flags, a record in clear among sealed ones, or a
+            sealed record that fails authentication.
+    """
+    where = f"{source}: record at offset {frame.offset}"
+    if frame.flags & ~FLAG_ENCRYPTED:
         raise CorruptSessionError(f"{source}: unknown record flags at offset {frame.offset}")
-    return frame.body
+    if not frame.flags & FLAG_ENCRYPTED:
+        if keys is not None and not keys.allows_clear:
+            raise CorruptSessionError(f"{where} is in clear inside an encrypted session")
+        return frame.body
+    if keys is None:
+        key_id = sealed_key_id(frame.body)
+        named = f" under data key {key_id}" if key_id else ""
+        raise DecryptionError(f"{where} is encrypted{named} and no key was given")
+    return keys.open(frame.seq, kind, frame.body, where)
 
 
-def decode_model(model: type[_M], frame: Frame, source: str) -> _M:
-    """Decode a frame's JSON body as ``model``; anything undecodable is corruption."""
-    body = plain_body(frame, source)
+def decode_model(model: type[_M], frame: Frame, source: str, keys: SessionKeys | None = None) -> _M:
+    """Decode a frame's JSON body as ``model`` (decrypting it with ``keys`` if sealed).
+
+    Anything undecodable is corruption; a sealed record without keys is a
+    ``DecryptionError``.
+    """
+    body = plain_body(frame, source, keys, model.__name__)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -142,3 +193,53 @@ def decode_model(model: type[_M], frame: Frame, source: str) -> _M:
             f"{source}: undecodable record at offset {frame.offset}: "
             f"{exc.error_count()} validation error(s)"
         ) from None
+
+
+def frame_key_id(frame: Frame) -> str | None:
+    """Return the data key id a sealed frame names; None for a record in clear."""
+    return sealed_key_id(frame.body) if frame.flags & FLAG_ENCRYPTED else None
+
+
+# -- integrity checks (``stepvault verify``) ---------------------------------------------
+
+Verdict = Literal["ok", "torn tail", "corrupt", "undecryptable", "unreadable"]
+"""What ``verify`` found: ``torn tail`` is an interrupted, never acknowledged append
+(harmless); ``unreadable`` is an I/O or permission problem, not damage."""
+
+BAD_VERDICTS: frozenset[str] = frozenset({"corrupt", "undecryptable", "unreadable"})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCheck:
+    """The outcome of checking every record of one stored session."""
+
+    session_id: str
+    verdict: Verdict
+    detail: str = ""
+
+
+@runtime_checkable
+class Checking(Protocol):
+    """A store that can check a session record by record and quarantine a corrupt one."""
+
+    async def check(self, session_id: str) -> SessionCheck:
+        """Check every live record's checksum and tag; never changes anything."""
+        ...
+
+    async def quarantine(self, session_id: str) -> str:
+        """Move a corrupt session aside (not deleted); return where it went."""
+        ...
+
+
+def decode_record(
+    model: type[_M], record: bytes, source: str, keys: SessionKeys | None = None
+) -> _M:
+    """Decode a record stored on its own (a database cell) as ``model``.
+
+    A database writes a cell whole or not at all, so unlike a journal's last
+    record, a short or failing record here is never a torn write: it is corruption.
+    """
+    scan = scan_frames(record, source)
+    if scan.torn_tail or len(scan.frames) != 1:
+        raise CorruptSessionError(f"{source}: damaged record ({len(record)} bytes)")
+    return decode_model(model, scan.frames[0], source, keys)

@@ -11,6 +11,9 @@ from .errors import InvalidArgumentError
 
 SessionStatus = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
 TtlPolicy = Literal["sliding", "fixed"]
+ToolKind = Literal["step", "tool", "event", "skip"]
+"""A step attempt, a ``ctx.tool`` call, an event a step took, an operator's skip."""
+WaitKind = Literal["event", "sleep", "operator"]
 
 #: Statuses a runner may still drive forward.
 UNFINISHED: frozenset[str] = frozenset({"pending", "running", "waiting"})
@@ -68,6 +71,7 @@ class ToolResult(BaseModel):
     """One executed step attempt, or one tool call recorded inside a step."""
 
     name: str
+    kind: ToolKind = "step"
     attempt: int = 1
     step: str | None = None
     input_digest: str | None = None
@@ -83,11 +87,77 @@ class ToolResult(BaseModel):
         return self.error is None
 
 
+class Event(BaseModel):
+    """An event sent to a session: kept in its inbox until a step waiting for it takes it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    payload: Any = None
+    sent_at: datetime
+    seq: int | None = Field(
+        default=None, description="its number in a store inbox that takes events without a lease"
+    )
+
+
+class Wait(BaseModel):
+    """What a ``waiting`` session waits for, and until when."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: WaitKind
+    step: str
+    event: str | None = None
+    until: datetime | None = None
+    reason: str | None = None
+
+
+class JournalEntry(BaseModel):
+    """One durable fact of the step in flight, replayed when that step runs again.
+
+    A finished tool call (its output), an event taken (its payload) or a wait for
+    one that timed out (``error``), a pending event wait (``done`` False, ``until``
+    its deadline) or a durable sleep (``until`` its end).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str
+    kind: Literal["tool", "event", "sleep"]
+    done: bool = True
+    output: Any = None
+    error: str | None = None
+    until: datetime | None = None
+    event_id: str | None = None
+
+
+class StateUndo(BaseModel):
+    """How to take back one step's state changes: put these values back, drop these keys."""
+
+    model_config = ConfigDict(frozen=True)
+
+    restore: dict[str, Any] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+
+
+class WorkflowStamp(BaseModel):
+    """Which version and shape of its workflow a session was last run with."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    fingerprint: str
+    shape: list[tuple[str, str]]
+
+
 class Checkpoint(BaseModel):
     """What one commit changes in a session: applied all at once or not at all.
 
     A finished step sets ``step`` (its completion marker) and ``output``; a failed
-    attempt or a status change commits a checkpoint without ``step``.
+    attempt or a status change commits a checkpoint without ``step``. ``status``,
+    ``error`` and ``wait`` are the session's as of this checkpoint; the other
+    fields are changes.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -104,6 +174,13 @@ class Checkpoint(BaseModel):
     attempts: dict[str, int] = Field(default_factory=dict)
     retry_base: dict[str, int] = Field(default_factory=dict)
     error: str | None = None
+    wait: Wait | None = None
+    journal: dict[str, JournalEntry] = Field(default_factory=dict)
+    events_added: list[Event] = Field(default_factory=list)
+    events_consumed: list[str] = Field(default_factory=list)
+    inbox_seq: int | None = None
+    undo: StateUndo | None = None
+    stamp: WorkflowStamp | None = None
 
 
 class Session(BaseModel):
@@ -124,6 +201,10 @@ class Session(BaseModel):
     workflow_version: str | None = None
     workflow_fingerprint: str | None = None
     workflow_source: str | None = None
+    workflow_shape: list[tuple[str, str]] | None = Field(
+        default=None, description="(step name, output type) per step, as last run"
+    )
+    forked_from: str | None = None
     input: Any = None
     steps_done: list[str] = Field(default_factory=list)
     outputs: dict[str, Any] = Field(default_factory=dict)
@@ -134,6 +215,15 @@ class Session(BaseModel):
         default_factory=dict, description="per step, the attempts made before its retry budget"
     )
     error: str | None = None
+    wait: Wait | None = None
+    inbox: list[Event] = Field(default_factory=list, description="events not taken yet")
+    inbox_seq: int = Field(default=0, description="store inbox numbers absorbed so far")
+    journal: dict[str, JournalEntry] = Field(
+        default_factory=dict, description="what the step in flight recorded so far"
+    )
+    undo: dict[str, StateUndo] = Field(
+        default_factory=dict, description="per completed step, how to take back its state changes"
+    )
     revision: int = 0
 
     @property
@@ -160,14 +250,31 @@ class Session(BaseModel):
         if checkpoint.step is not None:
             self.steps_done.append(checkpoint.step)
             self.outputs[checkpoint.step] = checkpoint.output
+            self.journal.clear()  # the journal belongs to the step in flight
+            if checkpoint.undo is not None:
+                self.undo[checkpoint.step] = checkpoint.undo
         self.state.update(checkpoint.state_set)
         for key in checkpoint.state_unset:
             self.state.pop(key, None)
         self.tool_history.extend(checkpoint.tool_results)
         self.attempts.update(checkpoint.attempts)
         self.retry_base.update(checkpoint.retry_base)
+        self.journal.update(checkpoint.journal)
+        if checkpoint.events_added:
+            known = {event.id for event in self.inbox}
+            self.inbox.extend(e for e in checkpoint.events_added if e.id not in known)
+        if checkpoint.events_consumed:
+            taken = set(checkpoint.events_consumed)
+            self.inbox = [event for event in self.inbox if event.id not in taken]
+        if checkpoint.inbox_seq is not None:
+            self.inbox_seq = max(self.inbox_seq, checkpoint.inbox_seq)
+        if checkpoint.stamp is not None:
+            self.workflow_version = checkpoint.stamp.version
+            self.workflow_fingerprint = checkpoint.stamp.fingerprint
+            self.workflow_shape = list(checkpoint.stamp.shape)
         self.status = checkpoint.status
         self.error = checkpoint.error
+        self.wait = checkpoint.wait
         self.last_activity = checkpoint.last_activity
         self.expires_at = checkpoint.expires_at
         self.revision = checkpoint.revision

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .crypto import Shredding
 from .errors import (
     EngineError,
     InvalidArgumentError,
@@ -177,9 +178,22 @@ class SessionManager:
         session.touch()
         await self.store.save(session)
 
-    async def remove_session(self, session_id: str) -> bool:
-        """Remove a session; return whether it existed."""
-        return await self.store.delete(validate_session_id(session_id))
+    async def remove_session(self, session_id: str, *, shred: bool = False) -> bool:
+        """Remove a session; return whether it existed.
+
+        With ``shred``, the session's data key is destroyed first, so that any copy
+        of its records left behind (a backup, a lost disk) can never be decrypted.
+
+        Raises:
+            EngineError: ``shred`` on a store that cannot shred, or on a session
+                stored in clear (nothing is removed then).
+        """
+        session_id = validate_session_id(session_id)
+        if not shred:
+            return await self.store.delete(session_id)
+        if not isinstance(self.store, Shredding):
+            raise EngineError(f"{type(self.store).__name__} cannot shred sessions")
+        return await self.store.shred(session_id)
 
     async def get_all_sessions(self) -> list[Session]:
         """Return every stored session, expired ones not yet cleaned up included."""

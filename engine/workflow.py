@@ -7,18 +7,46 @@ import inspect
 import json
 import os
 import sys
+import threading
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
 import structlog
 from pydantic import TypeAdapter
 
 from .errors import InvalidArgumentError, WorkflowDefinitionError
-from .models import SessionContext, SessionMetadata, to_seconds
+from .models import SessionContext, SessionMetadata, WorkflowStamp, to_seconds
+
+FailurePolicy = Literal["fail", "park"]
+"""What a step that still fails after its retries does to its session: mark it
+``failed``, or ``park`` it (status ``waiting``) until an operator resumes, skips or
+cancels it."""
+FAILURE_POLICIES: tuple[str, ...] = ("fail", "park")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class StepRecorder(Protocol):
+    """The runner's side of ``ctx.tool``, ``ctx.wait_for_event`` and ``ctx.sleep``."""
+
+    async def tool(
+        self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run or replay one journaled call."""
+        ...
+
+    async def wait_for_event(self, name: str, timeout: float | None) -> Any:  # noqa: ASYNC109
+        """Return the payload of the next event named ``name``, suspending until it comes."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep durably: the end time survives a restart."""
+        ...
 
 
 class StepContext:
@@ -26,9 +54,16 @@ class StepContext:
 
     ``state`` is the session's state: changes made to it are committed atomically
     with the step's output, and discarded if the attempt fails.
+
+    ``tool``, ``wait_for_event`` and ``sleep`` are journaled: each finished call is
+    committed at once, and when the step runs again (after a crash, a retry or a
+    wait) it gets the recorded result instead of calling again. They are
+    coroutines, for async steps.
     """
 
     __slots__ = (
+        "_recorder",
+        "_stopped",
         "attempt",
         "context",
         "idempotency_key",
@@ -55,7 +90,10 @@ class StepContext:
         metadata: SessionMetadata,
         context: SessionContext,
         log: structlog.stdlib.BoundLogger,
+        recorder: StepRecorder | None = None,
     ) -> None:
+        self._recorder = recorder
+        self._stopped = threading.Event()
         self.session_id = session_id
         self.workflow = workflow
         self.step = step
@@ -70,6 +108,79 @@ class StepContext:
 
     def __repr__(self) -> str:
         return f"StepContext({self.session_id!r}, step={self.step!r}, attempt={self.attempt})"
+
+    @property
+    def cancelled(self) -> bool:
+        """Tell whether this attempt was cancelled or timed out.
+
+        An async step is stopped by ``asyncio`` cancellation; a sync step runs in a
+        thread Python cannot stop, so a long one should check this and return early.
+        """
+        return self._stopped.is_set()
+
+    def mark_cancelled(self) -> None:
+        """Set ``cancelled``; the runner calls it when it stops or times out the attempt."""
+        self._stopped.set()
+
+    def _journal(self) -> StepRecorder:
+        if self._recorder is None:
+            raise InvalidArgumentError(
+                f"step {self.step!r}: ctx.tool, ctx.wait_for_event and ctx.sleep work only "
+                "inside a step a Runner runs"
+            )
+        return self._recorder
+
+    @overload
+    async def tool(
+        self, name: str, fn: Callable[_P, Awaitable[_R]], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _R: ...
+
+    @overload
+    async def tool(
+        self, name: str, fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _R: ...
+
+    async def tool(self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn(*args, **kwargs)`` as a recorded tool call, at most once per call.
+
+        The call is recorded as a ToolResult named ``name`` (input digest, output,
+        duration, error). Its result is committed as soon as it returns, so if the
+        step runs again, the same call (same name, same arguments, same position
+        among such calls) returns the recorded result without calling ``fn``. The
+        result comes back as ``fn``'s return annotation (JSON data without one), the
+        first time as on a replay. Arguments and result must be JSON-serializable.
+        A sync ``fn`` runs in a worker thread. A call that raises is recorded and
+        raised; it runs again when the step is retried.
+        """
+        return await self._journal().tool(name, fn, args, kwargs)
+
+    async def wait_for_event(
+        self,
+        name: str,
+        *,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109 (the contract's name; it is durable)
+    ) -> Any:
+        """Return the payload of the next event named ``name`` sent to this session.
+
+        An event already sent (even before the step began) is taken at once. If none
+        is there, the session is suspended durably (status ``waiting``) and this
+        step runs again from its start when the event arrives: its journaled calls
+        are replayed, and this wait returns the payload.
+
+        Raises:
+            StepTimeoutError: ``timeout`` seconds passed (counted from the first
+                time this wait was reached, across restarts) without the event.
+        """
+        seconds = None if timeout is None else to_seconds(timeout)
+        return await self._journal().wait_for_event(name, seconds)
+
+    async def sleep(self, seconds: float | timedelta) -> None:
+        """Sleep durably: after a restart the step sleeps only for what is left.
+
+        A long sleep suspends the session (status ``waiting``, no worker held) and
+        runs the step again from its start when it ends.
+        """
+        await self._journal().sleep(to_seconds(seconds))
 
 
 StepFn = TypeVar("StepFn", bound=Callable[[StepContext, Any], Any])
@@ -86,6 +197,7 @@ class Step:
     backoff: float = 0.5
     max_backoff: float = 30.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    on_failure: FailurePolicy | None = None
     is_async: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +232,25 @@ class Step:
         return hint.__name__ if isinstance(hint, type) else repr(hint)
 
 
+MigrationFn = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """Upgrades the state of sessions started under ``from_version`` to ``to_version``."""
+
+    from_version: str
+    to_version: str
+    fn: MigrationFn
+
+
+def _check_policy(on_failure: object) -> None:
+    if on_failure not in FAILURE_POLICIES:
+        raise WorkflowDefinitionError(
+            f"on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}"
+        )
+
+
 class Workflow:
     """A named, versioned, ordered list of steps.
 
@@ -129,14 +260,24 @@ class Workflow:
 
         @wf.step
         async def fetch(ctx: StepContext, query: str) -> list[str]: ...
+
+    Args:
+        name: what sessions record to find this workflow again.
+        version: recorded in each session; migrations upgrade old versions' state.
+        on_failure: ``"fail"`` (default) or ``"park"``, for steps that set none.
     """
 
-    def __init__(self, name: str, *, version: str = "1") -> None:
+    def __init__(
+        self, name: str, *, version: str = "1", on_failure: FailurePolicy = "fail"
+    ) -> None:
         if not name or not isinstance(name, str):
             raise WorkflowDefinitionError("a workflow needs a non-empty name")
+        _check_policy(on_failure)
         self.name = name
         self.version = str(version)
+        self.on_failure: FailurePolicy = on_failure
         self._steps: list[Step] = []
+        self._migrations: dict[str, Migration] = {}
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version!r}, steps={self.step_names})"
@@ -161,10 +302,69 @@ class Workflow:
         return os.path.abspath(file) if file else None
 
     @property
+    def shape(self) -> list[tuple[str, str]]:
+        """Return ``(name, output type)`` per step, in order: what sessions must still fit."""
+        return [(step.name, step.output_type) for step in self._steps]
+
+    @property
     def fingerprint(self) -> str:
         """Hash the step list (names, order, output types): it changes when the shape does."""
-        shape = [[step.name, step.output_type] for step in self._steps]
-        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.shape).encode()).hexdigest()[:16]
+
+    @property
+    def stamp(self) -> WorkflowStamp:
+        """Return the version and shape a session records when this code runs it."""
+        return WorkflowStamp(version=self.version, fingerprint=self.fingerprint, shape=self.shape)
+
+    def failure_policy(self, step: Step) -> FailurePolicy:
+        """Return what a failure of ``step`` does: its own policy, else the workflow's."""
+        return step.on_failure or self.on_failure
+
+    def migration(
+        self, *, from_version: str, to_version: str | None = None
+    ) -> Callable[[MigrationFn], MigrationFn]:
+        """Register a function upgrading the state of sessions started under an old version.
+
+        The function gets a copy of the session's state and returns the new state.
+        On resume, a session recorded under ``from_version`` goes through every
+        migration from its version on, in a chain, before its next step runs.
+
+        Args:
+            from_version: the version whose sessions the function upgrades.
+            to_version: the version it upgrades them to (default: this workflow's).
+
+        Raises:
+            WorkflowDefinitionError: a second migration from the same version, or one
+                from a version to itself.
+        """
+        source, target = str(from_version), str(to_version or self.version)
+        if source == target:
+            raise WorkflowDefinitionError(f"a migration from version {source} to itself")
+        if source in self._migrations:
+            raise WorkflowDefinitionError(
+                f"workflow {self.name!r} already has a migration from version {source}"
+            )
+
+        def register(fn: MigrationFn) -> MigrationFn:
+            if not callable(fn):
+                raise WorkflowDefinitionError(f"migration from version {source} is not callable")
+            self._migrations[source] = Migration(source, target, fn)
+            return fn
+
+        return register
+
+    def migration_path(self, version: str | None) -> list[Migration]:
+        """Return the migrations that lead a session from ``version`` on, in order."""
+        path: list[Migration] = []
+        seen: set[str] = set()
+        while version is not None and version != self.version and version not in seen:
+            seen.add(version)
+            found = self._migrations.get(version)
+            if found is None:
+                break
+            path.append(found)
+            version = found.to_version
+        return path
 
     def index(self, step_name: str) -> int:
         """Return the position of a step by name."""
@@ -188,6 +388,7 @@ class Workflow:
         backoff: float | timedelta = 0.5,
         max_backoff: float | timedelta = 30.0,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        on_failure: FailurePolicy | None = None,
     ) -> Callable[[StepFn], StepFn]: ...
 
     def step(
@@ -201,6 +402,7 @@ class Workflow:
         backoff: float | timedelta = 0.5,
         max_backoff: float | timedelta = 30.0,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        on_failure: FailurePolicy | None = None,
     ) -> Any:
         """Declare a step, bare (``@wf.step``) or with options (``@wf.step(retries=3)``).
 
@@ -211,6 +413,8 @@ class Workflow:
             backoff: the first wait between attempts; it doubles, with jitter.
             max_backoff: the longest wait between attempts.
             retry_on: the exception types worth retrying; others fail at once.
+            on_failure: ``"fail"`` or ``"park"`` once retries are spent (default: the
+                workflow's policy).
 
         Raises:
             WorkflowDefinitionError: a duplicate name, a bad option, or a function
@@ -223,6 +427,8 @@ class Workflow:
             isinstance(kind, type) and issubclass(kind, BaseException) for kind in retry_types
         ):
             raise WorkflowDefinitionError(f"retry_on must be exception types, got {retry_on!r}")
+        if on_failure is not None:
+            _check_policy(on_failure)
         try:
             timeout_s = None if timeout is None else to_seconds(timeout)
             backoff_s, max_backoff_s = to_seconds(backoff), to_seconds(max_backoff)
@@ -238,6 +444,7 @@ class Workflow:
                 backoff=backoff_s,
                 max_backoff=max_backoff_s,
                 retry_on=retry_types,
+                on_failure=on_failure,
             )
             self._add(step)
             return func

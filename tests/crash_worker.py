@@ -3,6 +3,7 @@
 Usage::
 
     python tests/crash_worker.py STORE_DIR SIDEFILE [SESSION_ID]
+    python tests/crash_worker.py --serve
 
 With SESSION_ID it starts that session (an idempotency key: an existing session is
 adopted, and its completed steps do not run again) and waits for it; without, it
@@ -17,6 +18,10 @@ Step ``k`` (0-based) returns its input plus ``k + 1``, so the final output is
 ``INPUT + 1 + 2 + ... + len(STEP_NAMES)``, and records the pid that ran it in the
 session state under ``ran_by:<step>``, which commits atomically with its output:
 the stored state names the process whose run of each step was committed.
+
+test_crash.py starts one ``--serve`` process per thread and has it fork each
+worker (see ``serve``): the engine is imported once, instead of once per worker,
+which would take most of a trial's time.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import os
 import random
 import sys
 import time
+import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from engine import FileStore, Runner, StepContext, Workflow
 
@@ -85,6 +91,53 @@ async def _run(store_dir: str, session_id: str | None) -> list[tuple[str, Any]]:
         return [(sid, await runner.wait(sid)) for sid in await runner.resume_all()]
 
 
+def serve() -> int:
+    """Fork workers on request, from this process that imported the engine once.
+
+    Reads tab-separated commands on stdin and answers each with one line on stdout:
+
+    - ``spawn OUTPUT ARG...``: fork a worker that runs ``main(["crash_worker.py",
+      ARG...])`` with its stdout and stderr going to OUTPUT; answer its pid. The
+      worker stays unreaped, so its pid cannot be reused, until ``reap``.
+    - ``reap PID``: wait for that worker to end; answer its exit code (minus the
+      signal's number if a signal ended it).
+
+    Returns at the end of stdin. It starts no thread, so forking is safe.
+    """
+    while line := sys.stdin.readline():
+        command, *fields = line.rstrip("\n").split("\t")
+        if command == "spawn":
+            pid = os.fork()
+            if pid == 0:
+                _worker_child(fields[0], ["crash_worker.py", *fields[1:]])
+            answer = pid
+        elif command == "reap":
+            answer = os.waitstatus_to_exitcode(os.waitpid(int(fields[0]), 0)[1])
+        else:
+            raise SystemExit(f"unknown command {command!r}")
+        sys.stdout.write(f"{answer}\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _worker_child(output: str, argv: list[str]) -> NoReturn:
+    """Run ``main`` in a forked worker, its output going to ``output``; never return."""
+    code = 1
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        code = main(argv)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: list[str]) -> int:
     """Run or resume the crash workflow; see the module docstring."""
     if len(argv) not in (3, 4):
@@ -99,4 +152,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main(sys.argv))

@@ -1265,10 +1265,13 @@ async def test_hooks_hear_every_step_event_in_order_and_a_broken_hook_is_harmles
         ("committed", "first", 1, 0),
         ("started", "flaky", 1, 1),
         ("failed", "flaky", 1, 1),
+        ("retrying", "flaky", 1, 1),
         ("started", "flaky", 2, 1),
         ("committed", "flaky", 2, 1),
     ]
     assert all(e.session_id == sid and e.workflow == "hooks" and e.total == 2 for e in heard)
     assert heard[3].error == "ConnectionError: flake"
-    assert all(e.duration is not None for e in heard if e.kind != "started")
+    assert heard[4].delay is not None
+    assert 0 <= heard[4].delay <= QUICK_RETRY["max_backoff"]
+    assert all(e.duration is not None for e in heard if e.kind in ("committed", "failed"))
     assert (await _load(store, sid)).status == "completed"

@@ -1,9 +1,20 @@
-"""The Store contract: every store (memory, file, later SQLite and Postgres) passes it."""
+"""The Store contract: every store (memory, file, SQLite, PostgreSQL) passes it unchanged.
+
+A new store is done when it passes this module; the session manager's TTL, cleanup
+and limit tests (test_sessions.py) run on every store too. Lease tests that need a
+lease to run out while its holder lives apply to the stores whose leases expire by
+time (SQLite, PostgreSQL): a file store's lock lasts exactly as long as its
+holder's process, and a memory store's holder cannot vanish.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+import signal
+import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -22,6 +33,8 @@ from engine import (
     SessionBusyError,
     SessionExistsError,
     SessionInfo,
+    SessionLimitError,
+    SessionManager,
     SessionNotFoundError,
     StorageError,
     Store,
@@ -30,6 +43,22 @@ from engine import (
 from engine.models import utcnow
 
 MakeSession = Callable[..., Session]
+MakeStore = Callable[..., Store]
+
+DEADLINE = 15.0
+"""Seconds a polled condition may take before the test fails: a hang, not slowness."""
+
+HOLD_AND_DIE = """
+import asyncio, os, signal, sys
+from engine import open_store
+
+async def main():
+    lease = await open_store(sys.argv[1]).acquire(sys.argv[2], "doomed", ttl=float(sys.argv[3]))
+    print("held" if lease else "refused", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # die holding it: no release, no close
+
+asyncio.run(main())
+"""
 
 
 def checkpoint_for(session: Session, **changes: Any) -> Checkpoint:
@@ -65,10 +94,32 @@ def tree(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
 
 
-async def lease_for(store: Store, session_id: str, owner: str = "runner-a") -> Lease:
-    lease = await store.acquire(session_id, owner)
+async def lease_for(
+    store: Store, session_id: str, owner: str = "runner-a", *, ttl: float = 30.0
+) -> Lease:
+    lease = await store.acquire(session_id, owner, ttl=ttl)
     assert lease is not None
     return lease
+
+
+async def take_over(store: Store, session_id: str, owner: str) -> Lease:
+    """Poll ``acquire`` until the current holder's lease lets go; fail after DEADLINE."""
+    deadline = time.monotonic() + DEADLINE
+    while (lease := await store.acquire(session_id, owner)) is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{owner} could not take session {session_id} over in {DEADLINE} s")
+        await asyncio.sleep(0.02)
+    return lease
+
+
+def only_where_leases_expire(leases_expire: bool) -> None:
+    if not leases_expire:
+        pytest.skip("this store's leases last as long as their holder: none runs out")
+
+
+def second_view(store: Store, make_store: MakeStore, store_url: str | None) -> Store:
+    """Another store over the same sessions (another process's view), else this one."""
+    return store if store_url is None else make_store()
 
 
 # -- create and load ------------------------------------------------------------
@@ -544,6 +595,33 @@ async def test_list_returns_one_row_per_session(store: Store, make_session: Make
     assert all(row.problem is None for row in rows)
 
 
+def test_a_closed_store_works_again_under_a_new_event_loop(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given a session stored under one event loop (one asyncio.run, as a command
+    # runs), the store closed at its end
+    session = make_session()
+
+    async def first() -> None:
+        await store.create(session)
+        await store.close()
+
+    asyncio.run(first())
+
+    # When the same store object is used under another
+    async def later() -> Session | None:
+        lease = await lease_for(store, session.id)
+        await commit(store, lease, session, step="one")
+        await store.release(lease)
+        try:
+            return await store.load(session.id)
+        finally:
+            await store.close()
+
+    # Then it reconnects and finds what it stored
+    assert asyncio.run(later()) == session
+
+
 async def test_close_is_idempotent(store: Store, make_session: MakeSession) -> None:
     session = make_session()
     await store.create(session)
@@ -601,3 +679,300 @@ async def test_a_ten_megabyte_output_round_trips(store: Store, make_session: Mak
     assert loaded is not None
     assert loaded.outputs["big"] == big
     assert loaded == session
+
+
+# -- leases between runners -------------------------------------------------------
+
+
+async def test_renew_keeps_a_held_lease_and_refuses_a_released_one(
+    store: Store, make_session: MakeSession
+) -> None:
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+
+    await store.renew(lease, ttl=30)
+    await commit(store, lease, session, step="one")
+    await store.release(lease)
+
+    with pytest.raises(LeaseLostError):
+        await store.renew(lease, ttl=30)
+    assert await store.load(session.id) == session
+
+
+async def test_only_one_of_many_concurrent_acquires_wins(
+    store: Store, make_store: MakeStore, store_url: str | None, make_session: MakeSession
+) -> None:
+    # Given a session and eight runners, each with its own view of the store
+    session = make_session()
+    await store.create(session)
+    views = [second_view(store, make_store, store_url) for _ in range(8)]
+
+    # When they all try to take it at once
+    leases = await asyncio.gather(
+        *(view.acquire(session.id, f"runner-{index}") for index, view in enumerate(views))
+    )
+
+    # Then exactly one holds it, and only that one can commit
+    winners = [lease for lease in leases if lease is not None]
+    assert len(winners) == 1
+    await commit(views[leases.index(winners[0])], winners[0], session, step="one")
+    assert await store.load(session.id) == session
+
+
+async def test_a_holder_that_dies_is_taken_over_and_counted(
+    store: Store, store_url: str | None, make_session: MakeSession
+) -> None:
+    if store_url is None:
+        pytest.skip("a memory store cannot be shared with another process")
+    # Given a runner process that took the lease and was killed holding it
+    session = make_session()
+    await store.create(session)
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLD_AND_DIE,
+        store_url,
+        session.id,
+        "0.5",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(doomed.communicate(), DEADLINE)
+    assert (out.decode().strip(), doomed.returncode) == ("held", -signal.SIGKILL)
+
+    # When another runner asks for it (a file lock frees at once; a lease runs out)
+    lease = await take_over(store, session.id, "survivor")
+
+    # Then it holds the session, the takeover is counted, and it commits
+    assert lease.takeovers == 1
+    await commit(store, lease, session, step="one")
+    assert await store.load(session.id) == session
+
+    # And a clean release resets the count: the next holder took nothing over
+    await store.release(lease)
+    again = await lease_for(store, session.id, "next")
+    assert again.takeovers == 0
+
+
+async def test_a_lease_that_runs_out_is_taken_over_and_the_old_holder_is_fenced(
+    make_store: MakeStore, make_session: MakeSession, leases_expire: bool
+) -> None:
+    only_where_leases_expire(leases_expire)
+    # Given runner A, whose short lease ran out while it was still alive (paused)
+    store_a, store_b = make_store(), make_store()
+    session = make_session()
+    await store_a.create(session)
+    stale = await lease_for(store_a, session.id, "runner-a", ttl=0.2)
+
+    # When runner B takes the session over
+    current = await take_over(store_b, session.id, "runner-b")
+
+    # Then B's lease is newer and counts the takeover
+    assert current.takeovers == 1
+    assert current.token > stale.token
+
+    # And A can neither commit nor renew, and its release does not free B's lease
+    with pytest.raises(LeaseLostError):
+        await store_a.commit(stale, checkpoint_for(session, step="from-a", output="stale"))
+    with pytest.raises(LeaseLostError):
+        await store_a.renew(stale, ttl=30)
+    await store_a.release(stale)
+    assert await store_a.acquire(session.id, "runner-c") is None
+    assert await store_b.load(session.id) == session
+
+    # While B commits on top of what A left
+    await commit(store_b, current, session, step="from-b", output="fresh")
+    loaded = await store_a.load(session.id)
+    assert loaded == session
+    assert loaded.outputs == {"from-b": "fresh"}
+
+
+async def test_a_renewed_lease_outlives_its_first_ttl(
+    make_store: MakeStore, make_session: MakeSession, leases_expire: bool
+) -> None:
+    only_where_leases_expire(leases_expire)
+    # Given a lease taken for 0.3 s, then renewed for a minute
+    store_a, store_b = make_store(), make_store()
+    session = make_session()
+    await store_a.create(session)
+    lease = await lease_for(store_a, session.id, "runner-a", ttl=0.3)
+    await store_a.renew(lease, ttl=60)
+
+    # When the first TTL has long passed (the time is what is under test)
+    await asyncio.sleep(0.6)
+
+    # Then nobody can take the session, and its holder still commits
+    assert await store_b.acquire(session.id, "runner-b") is None
+    await commit(store_a, lease, session, step="one")
+    assert await store_b.load(session.id) == session
+
+
+async def test_save_voids_a_lease_that_ran_out(
+    make_store: MakeStore, make_session: MakeSession, leases_expire: bool
+) -> None:
+    only_where_leases_expire(leases_expire)
+    # Given a session whose runner's lease ran out without a release
+    store_a, store_b = make_store(), make_store()
+    session = make_session(state={"v": 1})
+    await store_a.create(session)
+    stale = await lease_for(store_a, session.id, "runner-a", ttl=0.2)
+    await take_over(store_b, session.id, "probe")  # proves it ran out
+    await store_b.close()  # releases the probe's lease again
+
+    # When the session is saved whole
+    copy = await store_a.load(session.id)
+    assert copy is not None
+    copy.state["v"] = 2
+    await store_a.save(copy)
+
+    # Then the old holder cannot commit on top of the saved session
+    with pytest.raises(LeaseLostError):
+        await store_a.commit(stale, checkpoint_for(copy, step="late"))
+    assert await store_a.load(session.id) == copy
+
+
+async def test_close_releases_the_stores_leases(
+    store: Store, make_store: MakeStore, store_url: str | None, make_session: MakeSession
+) -> None:
+    # Given a store holding a session's lease
+    holder = second_view(store, make_store, store_url)
+    session = make_session()
+    await store.create(session)
+    await lease_for(holder, session.id, "runner-a")
+
+    # When it closes
+    await holder.close()
+
+    # Then another runner takes the session at once, and nothing counts as a takeover
+    lease = await lease_for(store, session.id, "runner-b")
+    assert lease.takeovers == 0
+
+
+# -- concurrent commits -------------------------------------------------------------
+
+
+async def test_concurrent_commits_to_many_sessions_all_land(
+    store: Store, make_store: MakeStore, store_url: str | None, make_session: MakeSession
+) -> None:
+    # Given 16 sessions, each leased by one of two runners sharing the store
+    views = [store, second_view(store, make_store, store_url)]
+    sessions = [make_session() for _ in range(16)]
+    for session in sessions:
+        await store.create(session)
+    leases = [
+        await lease_for(views[index % 2], session.id, f"runner-{index % 2}")
+        for index, session in enumerate(sessions)
+    ]
+
+    # When every runner commits ten steps to each of its sessions, all at once
+    async def run(index: int) -> None:
+        for step in range(10):
+            await commit(
+                views[index % 2],
+                leases[index],
+                sessions[index],
+                step=f"s{step}",
+                output={"session": index, "step": step},
+                state_set={"last": step},
+            )
+
+    await asyncio.gather(*(run(index) for index in range(len(sessions))))
+
+    # Then every session holds exactly its own ten steps, in order
+    for session in sessions:
+        loaded = await store.load(session.id)
+        assert loaded == session
+        assert loaded.steps_done == [f"s{step}" for step in range(10)]
+
+
+async def test_two_commits_racing_for_one_revision_leave_exactly_one(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given one lease and two checkpoints that both claim revision 1
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+    first = checkpoint_for(session, step="one", output="first")
+    second = checkpoint_for(session, step="one", output="second")
+
+    # When both are committed at once
+    outcomes = await asyncio.gather(
+        store.commit(lease, first), store.commit(lease, second), return_exceptions=True
+    )
+
+    # Then one landed and the other was refused whole
+    refused = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert len(refused) == 1
+    assert isinstance(refused[0], StorageError)
+    winner = first if outcomes[0] is None else second
+    session.apply(winner)
+    assert await store.load(session.id) == session
+
+
+# -- listing, expiry and limits over committed sessions -------------------------------
+
+
+async def test_list_follows_status_and_expiry_through_commits_and_cleanup(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given three sessions under a manager allowing three live ones
+    manager = SessionManager(store, cleanup_interval=None, max_sessions=3)
+    waiting, done, lapsed = [await manager.create_session() for _ in range(3)]
+
+    # When checkpoints move one to waiting, one to completed, and one's expiry into the past
+    now = utcnow()
+    for session, status, expires_at in [
+        (waiting, "waiting", now + timedelta(hours=2)),
+        (done, "completed", now + timedelta(hours=3)),
+        (lapsed, "running", now - timedelta(seconds=1)),
+    ]:
+        lease = await lease_for(store, session.id)
+        await commit(store, lease, session, status=status, expires_at=expires_at, step="s")
+        await store.release(lease)
+
+    # Then listings show each one's status and expiry
+    rows = {row.id: row for row in await store.list()}
+    assert {sid: (row.status, row.expires_at) for sid, row in rows.items()} == {
+        waiting.id: ("waiting", waiting.expires_at),
+        done.id: ("completed", done.expires_at),
+        lapsed.id: ("running", lapsed.expires_at),
+    }
+    assert [sid for sid, row in rows.items() if row.is_expired(utcnow())] == [lapsed.id]
+
+    # And the manager treats the lapsed one as gone: hidden, not counted, cleaned up
+    assert await manager.get_session(lapsed.id) is None
+    extra = await manager.create_session()
+    with pytest.raises(SessionLimitError):
+        await manager.create_session()
+    assert (await manager.perform_cleanup()).cleaned_sessions == 1
+    assert {row.id for row in await store.list()} == {waiting.id, done.id, extra.id}
+
+
+# -- unicode ------------------------------------------------------------------------
+
+
+async def test_unicode_names_and_values_round_trip_through_commits_and_listings(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given a session of a workflow named in several scripts
+    name = "rapport-日本語-Ελληνικά-عربي-🚀-e\u0301"
+    session = make_session(workflow=name, state={"clé": "välue", "🔑": ["🚀", "\u200d"]})
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+
+    # When steps with unicode names, outputs and state are committed
+    await commit(
+        store,
+        lease,
+        session,
+        step="étape-一",
+        output={"texte": "naïve café", "emoji": "👩‍💻", "rtl": "שָׁלוֹם", "nul": "a\u0000b"},
+        state_set={"ключ": "значение"},
+        tool_results=[tool_result("outil-🔧", output="✓")],
+    )
+
+    # Then everything reads back exactly, listings included
+    assert await store.load(session.id) == session
+    (row,) = await store.list()
+    assert row.workflow == name
+    assert row.steps_done == 1

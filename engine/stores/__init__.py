@@ -6,24 +6,57 @@ from ..errors import EngineError
 from .base import Lease, Store, validate_session_id
 from .file import FileStore
 from .memory import MemoryStore
+from .postgres import PostgresStore
+from .sqlite import SQLiteStore
 
-__all__ = ["FileStore", "Lease", "MemoryStore", "Store", "open_store", "validate_session_id"]
+__all__ = [
+    "FileStore",
+    "Lease",
+    "MemoryStore",
+    "PostgresStore",
+    "SQLiteStore",
+    "Store",
+    "open_store",
+    "validate_session_id",
+]
+
+STORE_URLS = "a folder, file://folder, sqlite:///file.db, postgresql://... or memory://"
 
 
 def open_store(url: str, *, encryption_key: str | bytes | None = None) -> Store:
-    """Open a store from a URL: ``./dir``, ``file://dir`` or ``memory://``.
+    """Open a store from a URL; nothing is touched until the store is first used.
+
+    ``./dir`` or ``file://dir`` (FileStore), ``sqlite:///file.db`` (SQLiteStore:
+    three slashes and a relative path, four for an absolute one),
+    ``postgresql://user@host/db`` or ``postgres://...`` (PostgresStore; add
+    ``?schema=name`` for a schema other than ``stepvault``), ``memory://``.
 
     Raises:
-        EngineError: the URL's scheme is unknown or not available in this version.
+        EngineError: the URL's scheme is unknown, or names no database file.
     """
     if url.startswith("memory://"):
         return MemoryStore()
     if url.startswith("file://"):
         return FileStore(url.removeprefix("file://"), encryption_key=encryption_key)
-    scheme, separator, _ = url.partition("://")
-    if separator:
-        raise EngineError(
-            f"store URL {url!r}: scheme {scheme!r} is not supported "
-            "(use a folder path, file://, or memory://)"
-        )
-    return FileStore(url, encryption_key=encryption_key)
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return FileStore(url, encryption_key=encryption_key)
+    if scheme in ("postgresql", "postgres"):
+        _no_key_yet(encryption_key, "PostgresStore")
+        return PostgresStore(url)
+    if scheme == "sqlite":
+        path = rest.removeprefix("/")  # sqlite:///rel.db -> rel.db, sqlite:////abs -> /abs
+        if not rest.startswith("/") or not path or path.endswith("/"):
+            raise EngineError(
+                f"store URL {url!r}: a SQLite URL names a file, as in sqlite:///sessions.db "
+                "(relative) or sqlite:////var/lib/app/sessions.db (absolute)"
+            )
+        _no_key_yet(encryption_key, "SQLiteStore")
+        return SQLiteStore(path)
+    raise EngineError(f"store URL {url!r}: scheme {scheme!r} is not supported (use {STORE_URLS})")
+
+
+def _no_key_yet(encryption_key: str | bytes | None, store: str) -> None:
+    # The same answer FileStore gives until encryption at rest lands in the codec.
+    if encryption_key is not None:
+        raise EngineError(f"encryption at rest is not available for {store} in this version")

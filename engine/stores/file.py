@@ -9,6 +9,10 @@ by the runner that owns the session, released by the kernel if it dies).
 A checkpoint costs one append and one fdatasync, whatever the session's history.
 The journal is folded into a new snapshot once it outgrows the snapshot, which
 keeps loading bounded while the copying stays amortised constant per byte.
+
+With an encryption key every record is sealed under the session's data key, whose
+wrapped form lives in ``<root>/.keys/<id>.key`` (``file_keys``), apart from the
+session's folder: see docs/security.md.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 from .. import codec
+from ..crypto import SEAL_OVERHEAD, Encryption, KeyInput, RekeyOutcome, SessionKeys, master_key_ids
 from ..errors import (
     CorruptSessionError,
+    DecryptionError,
     EngineError,
     LeaseLostError,
     SessionBusyError,
@@ -47,17 +54,22 @@ from .base import (
     check_fresh,
     validate_session_id,
 )
+from .file_keys import KeyFiles
+from .fsutil import O_CLOEXEC, private_folder, read_file, sync_folder, write_all
 
 SNAPSHOT = "snapshot"
 JOURNAL = "journal"
 LOCK = "lock"
 TRASH = ".trash"
+QUARANTINE = ".quarantine"
+KEYS = ".keys"
 COMPACT_MIN_BYTES = 1 << 20
 """A journal smaller than this is never compacted: replaying it is cheap."""
 READ_ATTEMPTS = 10
 """Reads of a session that another process is rewriting, before giving up."""
 
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_SESSION = Session.__name__  # the record kinds, bound into each sealed record
+_CHECKPOINT = Checkpoint.__name__
 _T = TypeVar("_T")
 _log = get_logger()
 
@@ -76,40 +88,50 @@ class FileStore:
 
     Args:
         path: the folder holding the sessions (created 0700 on first use).
-        encryption_key: reserved for encryption at rest; not available yet.
+        encryption_key: encrypt every record (AES-256-GCM): 32 bytes, a base64
+            string of 32 bytes, a passphrase, or a ``crypto.KeyRing`` holding
+            old keys too. None stores records in clear.
         durability: ``"fsync"`` (default) makes every commit durable before it
             returns; ``"none"`` skips syncing and is for tests only.
         compact_bytes: journal size below which no compaction happens.
+        keys_path: the folder of the sessions' data keys (default ``path/.keys``);
+            on other storage, backups of ``path`` hold no keys.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
-        encryption_key: str | bytes | None = None,
+        encryption_key: KeyInput | None = None,
         durability: Durability = "fsync",
         compact_bytes: int = COMPACT_MIN_BYTES,
+        keys_path: str | os.PathLike[str] | None = None,
     ) -> None:
-        if encryption_key is not None:
-            raise EngineError("encryption at rest is not available in this version of stepvault")
         self.path = Path(path)
         self.durability = check_durability(durability)
         self.compact_bytes = compact_bytes
+        self.keys_path = self.path / KEYS if keys_path is None else Path(keys_path)
+        self._encryption = Encryption.of(encryption_key)
+        self._vault = KeyFiles(self.keys_path, self.durability)
         self._tails: dict[str, _Tail] = {}
         self._locks: dict[str, tuple[int, Lease]] = {}
         self._tokens = itertools.count(1)
         self._root_ready = False
 
     def __repr__(self) -> str:
-        return f"FileStore({str(self.path)!r}, durability={self.durability!r})"
+        encrypted = ", encrypted" if self._encryption is not None else ""
+        return f"FileStore({str(self.path)!r}, durability={self.durability!r}{encrypted})"
 
     # -- the Store protocol ---------------------------------------------------
 
     async def create(self, session: Session) -> None:
         """Store a new session: built in a temporary folder, then renamed into place."""
         validate_session_id(session.id)
-        frame = _snapshot_frame(session)  # before touching disk: bad data creates nothing
-        await self._run(self._create_sync, session.id, frame)
+        body = codec.dump_json(session, f"session {session.id}")
+        # Before touching disk: bad data creates nothing, not even a data key.
+        overhead = SEAL_OVERHEAD if self._encryption is not None else 0
+        codec.check_record_size(session.revision, len(body) + overhead)
+        await self._run(self._create_sync, session.id, session.revision, body)
 
     async def load(self, session_id: str) -> Session | None:
         """Return the session rebuilt from its snapshot and journal, or None."""
@@ -119,7 +141,7 @@ class FileStore:
         """Replace the session whole; ``SessionBusyError`` if a runner holds it."""
         validate_session_id(session.id)
         saved = session.model_copy(update={"revision": session.revision + 1})
-        await self._run(self._save_sync, saved, _snapshot_frame(saved))
+        await self._run(self._save_sync, saved, codec.dump_json(saved, f"session {saved.id}"))
         session.revision = saved.revision  # only once the new revision is on disk
 
     async def commit(self, lease: Lease, checkpoint: Checkpoint) -> None:
@@ -129,8 +151,8 @@ class FileStore:
         if held is None or held[1] != lease:
             raise LeaseLostError(f"session {session_id}: this lease is not the one held here")
         what = f"checkpoint {checkpoint.revision} of session {session_id}"
-        frame = codec.encode_frame(checkpoint.revision, codec.dump_json(checkpoint, what))
-        await self._run(self._commit_sync, session_id, frame, checkpoint.revision)
+        body = codec.dump_json(checkpoint, what)
+        await self._run(self._commit_sync, session_id, body, checkpoint.revision)
 
     async def delete(self, session_id: str) -> bool:
         """Remove a session's folder; return whether it existed."""
@@ -168,6 +190,44 @@ class FileStore:
         for session_id in list(self._locks):
             self._unlock(session_id)
 
+    # -- security: shredding, verification, rekeying ----------------------------
+
+    async def shred(self, session_id: str) -> bool:
+        """Destroy the session's data key first, then its files; return whether it existed.
+
+        Once this returns, any copy of the session's records (a backup, a lost
+        disk) can never be decrypted, even with the master key.
+
+        Raises:
+            StorageError: the session is stored in clear: there is no key to destroy.
+        """
+        return await self._run(self._shred_sync, validate_session_id(session_id))
+
+    async def check(self, session_id: str) -> codec.SessionCheck:
+        """Check every live record's checksum (and tag, when encrypted); change nothing."""
+        return await self._run(self._check_sync, validate_session_id(session_id))
+
+    async def quarantine(self, session_id: str) -> str:
+        """Move a corrupt session's folder into ``.quarantine``; return where it went.
+
+        Raises:
+            StorageError: the session is not corrupt (an undecryptable one is never moved).
+        """
+        return await self._run(self._quarantine_sync, validate_session_id(session_id))
+
+    async def rekey(self, session_id: str) -> RekeyOutcome:
+        """Rewrite a session under a fresh data key wrapped by the active master key.
+
+        Atomic per session: a crash at any point leaves every record readable, and
+        running it again finishes the work. Returns ``"current"`` when there is
+        nothing to do and ``"busy"`` when a runner holds the session.
+
+        Raises:
+            EngineError: the store has no key; the session is unreadable (nothing
+                is rewritten then).
+        """
+        return await self._run(self._rekey_sync, validate_session_id(session_id))
+
     # -- implementation (runs in a worker thread) -----------------------------
 
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
@@ -201,19 +261,25 @@ class FileStore:
 
     def _sync_dir(self, folder: Path) -> None:
         if self.durability == "fsync":
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            sync_folder(folder)
+
+    def _keys(self, session_id: str, *, create: bool = False) -> SessionKeys | None:
+        """Return the session's data keys; None without a key or for a session in clear."""
+        if self._encryption is None:
+            return None
+        return self._encryption.keys_for(self._vault, session_id, create=create)
+
+    def _forget_keys(self, session_id: str) -> None:
+        if self._encryption is not None:
+            self._encryption.forget(session_id)
 
     def _write_snapshot(self, folder: Path, frame: bytes) -> int:
         """Atomically replace ``folder``'s snapshot with ``frame``; return its size."""
         temp = folder / f"{SNAPSHOT}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | _O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | O_CLOEXEC
         fd = os.open(temp, flags, 0o600)
         try:
-            _write_all(fd, frame, 0)
+            write_all(fd, frame, 0)
             if self.durability == "fsync":
                 os.fsync(fd)
         finally:
@@ -222,10 +288,12 @@ class FileStore:
         self._sync_dir(folder)
         return len(frame)
 
-    def _create_sync(self, session_id: str, frame: bytes) -> None:
+    def _create_sync(self, session_id: str, revision: int, body: bytes) -> None:
         root = self._root()
         if self._session_dir(session_id) is not None:
             raise SessionExistsError(f"session {session_id} already exists")
+        # The data key is stored (durably) before any record: none exists without it.
+        frame = codec.seal_frame(revision, _SESSION, body, self._keys(session_id, create=True))
         building = root / f".creating-{session_id}-{uuid.uuid4().hex}"
         building.mkdir(mode=0o700)
         try:
@@ -258,7 +326,7 @@ class FileStore:
                 return None
             snapshot_path = folder / SNAPSHOT
             try:
-                fd = os.open(snapshot_path, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+                fd = os.open(snapshot_path, os.O_RDONLY | os.O_NOFOLLOW | O_CLOEXEC)
             except FileNotFoundError:
                 if self._session_dir(session_id) is None:
                     return None  # deleted while we looked
@@ -267,27 +335,64 @@ class FileStore:
             with os.fdopen(fd, "rb") as handle:
                 inode = os.fstat(fd).st_ino
                 snapshot = handle.read()
-                journal = _read(folder / JOURNAL) or b""
+                journal = read_file(folder / JOURNAL) or b""
                 replaced = _inode(snapshot_path) != inode
             if replaced:
                 continue
             try:
                 return self._decode_session(session_id, folder, snapshot, journal)
-            except CorruptSessionError:
+            except (CorruptSessionError, DecryptionError):
                 if previous == (snapshot, journal):
                     raise
                 previous = (snapshot, journal)
+                # The session may have been rekeyed since its keys were cached.
+                self._forget_keys(session_id)
         raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
 
     def _decode_session(
         self, session_id: str, folder: Path, snapshot: bytes, journal: bytes
+    ) -> tuple[Session, _Tail]:
+        if self._encryption is not None and not self._vault.has_key(session_id):
+            self._forget_keys(session_id)  # shredded elsewhere: never read with a cached key
+        keys = self._keys(session_id)
+        try:
+            return self._decode_records(session_id, folder, snapshot, journal, keys)
+        except DecryptionError as exc:
+            if keys is None:
+                raise self._explain_missing_key(session_id, exc) from None
+            raise
+
+    def _explain_missing_key(self, session_id: str, exc: DecryptionError) -> DecryptionError:
+        """Say why a sealed record cannot be opened: no key given, or no data key left."""
+        record = self._vault.get_key(session_id)
+        if record is None and self._encryption is not None:
+            return DecryptionError(
+                f"{exc}: session {session_id} has no data key in {self.keys_path} "
+                "(shredded, or its key was not copied with its records)"
+            )
+        if record is not None and self._encryption is None:
+            masters = ", ".join(master_key_ids(session_id, record))
+            return DecryptionError(
+                f"session {session_id} is encrypted under master key {masters} and this "
+                "store was opened without a key: set SESSION_ENCRYPTION_KEY or pass "
+                "encryption_key"
+            )
+        return exc
+
+    def _decode_records(
+        self,
+        session_id: str,
+        folder: Path,
+        snapshot: bytes,
+        journal: bytes,
+        keys: SessionKeys | None,
     ) -> tuple[Session, _Tail]:
         snapshot_path = folder / SNAPSHOT
         scan = codec.scan_frames(snapshot, str(snapshot_path))
         if scan.torn_tail or len(scan.frames) != 1:
             raise CorruptSessionError(f"{snapshot_path}: expected one complete record")
         frame = scan.frames[0]
-        session = codec.decode_model(Session, frame, str(snapshot_path))
+        session = codec.decode_model(Session, frame, str(snapshot_path), keys)
         if session.id != session_id or session.revision != frame.seq:
             raise CorruptSessionError(f"{snapshot_path}: record belongs to another session")
 
@@ -301,7 +406,7 @@ class FileStore:
                     f"{journal_path}: record {frame.seq} at offset {frame.offset} "
                     f"does not follow revision {session.revision}"
                 )
-            checkpoint = codec.decode_model(Checkpoint, frame, str(journal_path))
+            checkpoint = codec.decode_model(Checkpoint, frame, str(journal_path), keys)
             if checkpoint.revision != frame.seq:
                 raise CorruptSessionError(f"{journal_path}: mislabelled record at {frame.offset}")
             session.apply(checkpoint)
@@ -314,14 +419,39 @@ class FileStore:
             found = self._read_session(session_id)
             if found is None:
                 raise SessionNotFoundError(f"session {session_id} not found")
+            self._sync_session(session_id)
             tail = self._tails[session_id] = found[1]
         return tail
 
-    def _commit_sync(self, session_id: str, frame: bytes, revision: int) -> None:
+    def _sync_session(self, session_id: str) -> None:
+        """Make durable what a writer is about to build on.
+
+        A process killed mid-write leaves its writes in the page cache: readable, but
+        not on disk (a rename, an append, the journal's own name). A checkpoint built
+        on them would be acknowledged, then lost with them in a power cut.
+        """
+        if self.durability != "fsync":
+            return
+        folder = self._root() / session_id
+        # A snapshot is fsynced before its rename, so only its name can be pending.
+        try:
+            fd = os.open(folder / JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_folder(folder)
+        sync_folder(self._root())
+
+    def _commit_sync(self, session_id: str, body: bytes, revision: int) -> None:
         tail = self._tail(session_id)
+        frame = codec.seal_frame(revision, _CHECKPOINT, body, self._keys(session_id))
         folder = self._root() / session_id
         journal = folder / JOURNAL
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
         try:
             fd = os.open(journal, flags, 0o600)
         except FileNotFoundError:
@@ -339,7 +469,7 @@ class FileStore:
                     f"follow stored revision {tail.revision}"
                 )
             try:
-                _write_all(fd, frame, tail.end)
+                write_all(fd, frame, tail.end)
                 if self.durability == "fsync":
                     os.fdatasync(fd)
             except OSError:
@@ -364,7 +494,10 @@ class FileStore:
             if found is not None:
                 session = found[0]
                 folder = self._root() / session_id
-                self._replace_whole(folder, _snapshot_frame(session), session)
+                frame = codec.encode_model(
+                    session.revision, session, f"session {session_id}", self._keys(session_id)
+                )
+                self._replace_whole(folder, frame, session)
         except (OSError, EngineError) as exc:
             self._tails.pop(session_id, None)
             _log.warning("compaction.failed", session_id=session_id, error=str(exc))
@@ -374,7 +507,7 @@ class FileStore:
         size = self._write_snapshot(folder, frame)
         journal = folder / JOURNAL
         try:
-            fd = os.open(journal, os.O_WRONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+            fd = os.open(journal, os.O_WRONLY | os.O_NOFOLLOW | O_CLOEXEC)
         except FileNotFoundError:
             pass
         else:
@@ -386,7 +519,7 @@ class FileStore:
                 os.close(fd)
         self._tails[session.id] = _Tail(0, session.revision, size)
 
-    def _save_sync(self, saved: Session, frame: bytes) -> None:
+    def _save_sync(self, saved: Session, body: bytes) -> None:
         folder = self._session_dir(saved.id)
         if folder is None:
             raise SessionNotFoundError(f"session {saved.id} not found")
@@ -394,7 +527,9 @@ class FileStore:
         if not self._acquire_sync(Lease(saved.id, "save", next(self._tokens))):
             raise SessionBusyError(f"session {saved.id} is being run by another runner")
         try:
+            # Reading first means a session we cannot decrypt is never overwritten.
             check_fresh(saved.id, saved.revision - 1, self._tail(saved.id).revision)
+            frame = codec.seal_frame(saved.revision, _SESSION, body, self._keys(saved.id))
             self._replace_whole(folder, frame, saved)
         finally:
             self._unlock(saved.id)
@@ -410,8 +545,103 @@ class FileStore:
         self._sync_dir(self._root())
         self._tails.pop(session_id, None)
         self._unlock(session_id)
+        self._vault.delete_key(session_id)  # a removed session leaves no key behind
+        self._forget_keys(session_id)
         shutil.rmtree(doomed)
         return True
+
+    def _shred_sync(self, session_id: str) -> bool:
+        folder = self._session_dir(session_id)
+        destroyed = self._vault.delete_key(session_id)  # first: from here on, copies are dead
+        self._forget_keys(session_id)
+        if folder is None:
+            return destroyed  # a key left behind by an interrupted remove is shredded too
+        if not destroyed and not _sealed(folder / SNAPSHOT):
+            raise StorageError(
+                f"session {session_id} is stored in clear: it can be removed, but it has "
+                "no data key to shred"
+            )
+        return self._delete_sync(session_id)
+
+    def _check_sync(self, session_id: str) -> codec.SessionCheck:
+        try:
+            found = self._read_session(session_id)
+        except DecryptionError as exc:
+            return codec.SessionCheck(session_id, "undecryptable", str(exc))
+        except CorruptSessionError as exc:
+            return codec.SessionCheck(session_id, "corrupt", str(exc))
+        except (StorageError, OSError) as exc:  # a symlink in place, permissions, I/O
+            return codec.SessionCheck(session_id, "unreadable", str(exc))
+        if found is None:
+            raise SessionNotFoundError(f"session {session_id} not found")
+        journal = self._root() / session_id / JOURNAL
+        size = journal.lstat().st_size if journal.exists() else 0
+        end = found[1].end
+        if size > end:
+            return codec.SessionCheck(
+                session_id,
+                "torn tail",
+                f"{journal}: {size - end} bytes after the last complete record (offset "
+                f"{end}): an interrupted append, never acknowledged; the next checkpoint "
+                "cuts it off",
+            )
+        sealed = self._keys(session_id) is not None
+        return codec.SessionCheck(session_id, "ok", "encrypted" if sealed else "in clear")
+
+    def _quarantine_sync(self, session_id: str) -> str:
+        check = self._check_sync(session_id)
+        if check.verdict != "corrupt":
+            raise StorageError(
+                f"session {session_id} is {check.verdict}, not corrupt: only corrupt "
+                "sessions are quarantined"
+            )
+        root = self._root()
+        folder = private_folder(root / QUARANTINE, create=True)
+        assert folder is not None  # created above
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        target = folder / f"{session_id}.{stamp}"
+        # The key stays in place: the quarantined records stay readable for repair.
+        (root / session_id).rename(target)
+        self._sync_dir(root)
+        self._sync_dir(folder)
+        self._tails.pop(session_id, None)
+        self._forget_keys(session_id)
+        return str(target)
+
+    def _rekey_sync(self, session_id: str) -> RekeyOutcome:
+        encryption = self._encryption
+        if encryption is None:
+            raise EngineError("rekey needs an encryption key: set SESSION_ENCRYPTION_KEY")
+        if not self._acquire_sync(Lease(session_id, "rekey", next(self._tokens))):
+            return "busy"
+        try:
+            encryption.prepare(self._vault)
+            record = self._vault.get_key(session_id)
+            if record is not None and encryption.is_current(session_id, record):
+                return "current"
+            found = self._read_session(session_id)  # unreadable: raise, rewrite nothing
+            if found is None:
+                raise SessionNotFoundError(f"session {session_id} not found")
+            session, folder = found[0], self._root() / session_id
+            in_use, clear_in_use = _keys_in_use(folder)
+            # 1. the new data key joins the ones the records still use ...
+            keys, record = encryption.begin_rekey(
+                session_id, self._keys(session_id), in_use, clear_in_use
+            )
+            self._vault.put_key(session_id, record)
+            encryption.remember(keys)
+            # 2. ... the whole session is rewritten under it (atomically) ...
+            what = f"session {session_id}"
+            self._replace_whole(
+                folder, codec.encode_model(session.revision, session, what, keys), session
+            )
+            # 3. ... and only then are the old keys dropped.
+            keys, record = encryption.finish_rekey(session_id, keys)
+            self._vault.put_key(session_id, record)
+            encryption.remember(keys)
+            return "rekeyed"
+        finally:
+            self._unlock(session_id)
 
     def _list_sync(self) -> builtins.list[SessionInfo]:
         rows = []
@@ -438,7 +668,7 @@ class FileStore:
             raise SessionNotFoundError(f"session {session_id} not found")
         if session_id in self._locks:
             return None
-        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -454,6 +684,7 @@ class FileStore:
             raise
         self._locks[session_id] = (fd, lease)
         self._tails.pop(session_id, None)  # another process may have written meanwhile
+        self._forget_keys(session_id)  # ... or rekeyed it
         return lease
 
     def _unlock(self, session_id: str) -> None:
@@ -475,13 +706,24 @@ def _record_holder(fd: int, owner: str) -> int:
         takeovers = 1 + (int(previous[1]) if len(previous) > 1 and previous[1].isdigit() else 0)
     record = f"{owner} {takeovers}\n".encode()
     os.ftruncate(fd, 0)
-    _write_all(fd, record, 0)
+    write_all(fd, record, 0)
     return takeovers
 
 
-def _snapshot_frame(session: Session) -> bytes:
-    body = codec.dump_json(session, f"session {session.id}")
-    return codec.encode_frame(session.revision, body)
+def _sealed(snapshot: Path) -> bool:
+    """Tell whether a snapshot's record is encrypted (its header alone says so)."""
+    head = read_file(snapshot, codec.HEADER_SIZE) or b""
+    return len(head) == codec.HEADER_SIZE and bool(head[3] & codec.FLAG_ENCRYPTED)
+
+
+def _keys_in_use(folder: Path) -> tuple[set[str], bool]:
+    """Return the data key ids a session's live records use, and whether any is in clear."""
+    snapshot = codec.scan_frames(read_file(folder / SNAPSHOT) or b"", str(folder / SNAPSHOT))
+    journal = codec.scan_frames(read_file(folder / JOURNAL) or b"", str(folder / JOURNAL))
+    revision = snapshot.frames[0].seq if snapshot.frames else 0
+    live = snapshot.frames + [frame for frame in journal.frames if frame.seq > revision]
+    ids = {codec.frame_key_id(frame) for frame in live}
+    return {key_id for key_id in ids if key_id is not None}, None in ids
 
 
 def _inode(path: Path) -> int | None:
@@ -489,24 +731,6 @@ def _inode(path: Path) -> int | None:
         return path.lstat().st_ino
     except FileNotFoundError:
         return None
-
-
-def _read(path: Path) -> bytes | None:
-    """Read a whole file without following a symlink; None if it does not exist."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    """Write all of ``data`` at ``offset``, continuing after short writes."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def _truncate_quietly(fd: int, size: int) -> None:

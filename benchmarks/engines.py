@@ -1,0 +1,180 @@
+"""One durable loop of N steps per engine, timed step by step.
+
+Every engine runs the same workflow: N trivial steps, each returning a string of
+``size`` bytes, with every step's output kept (stepvault keeps all outputs in the
+session; LangGraph keeps them in a list channel; DBOS records each step's output).
+Each function runs in a fresh process (see bench.py) and returns the wall time at
+which each step started, so cost per step can be plotted against step number.
+"""
+
+
+import asyncio
+import operator
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+
+def folder_bytes(path: Path) -> int:
+    """Return the bytes stored under ``path`` (a folder or a file and its siblings)."""
+    if path.is_file():
+        return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_baseline(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """The same loop with no engine: what the work itself costs."""
+    marks: list[float] = []
+    outputs: list[str] = []
+    for i in range(n):
+        marks.append(time.perf_counter())
+        outputs.append(str(i % 10) * size)
+    marks.append(time.perf_counter())
+    return {"marks": marks, "bytes": 0}
+
+
+def run_floor(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """The physical floor: append ``size`` bytes and fdatasync, N times."""
+    path = workdir / "floor.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    marks: list[float] = []
+    try:
+        for i in range(n):
+            marks.append(time.perf_counter())
+            os.write(fd, (str(i % 10) * size).encode())
+            os.fdatasync(fd)
+        marks.append(time.perf_counter())
+    finally:
+        os.close(fd)
+    return {"marks": marks, "bytes": path.stat().st_size}
+
+
+def _stepvault_workflow(n: int, size: int, marks: list[float]) -> Any:
+    from engine import StepContext, Workflow  # noqa: PLC0415  # timed import stays out of peers
+
+    workflow = Workflow("bench")
+
+    def make(index: int) -> Callable[[StepContext, Any], Any]:
+        async def step(ctx: StepContext, value: Any) -> str:
+            marks.append(time.perf_counter())
+            return str(index % 10) * size
+
+        step.__name__ = f"s{index}"
+        return step
+
+    for index in range(n):
+        workflow.step(name=f"s{index}")(make(index))
+    return workflow
+
+
+def _run_stepvault(store: Any, n: int, size: int) -> list[float]:
+    from engine import Runner  # noqa: PLC0415
+
+    marks: list[float] = []
+    workflow = _stepvault_workflow(n, size, marks)
+
+    async def main() -> None:
+        async with Runner(store, [workflow], cleanup_interval=None) as runner:
+            await runner.run(workflow, None)
+
+    asyncio.run(main())
+    marks.append(time.perf_counter())
+    return marks
+
+
+def run_stepvault_file(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """stepvault's FileStore, durability fsync (its default)."""
+    from engine import FileStore  # noqa: PLC0415
+
+    marks = _run_stepvault(FileStore(workdir / "sessions"), n, size)
+    return {"marks": marks, "bytes": folder_bytes(workdir / "sessions")}
+
+
+def run_stepvault_sqlite(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """stepvault's SQLiteStore, synchronous=FULL (its durable mode)."""
+    from engine.stores.sqlite import SQLiteStore  # noqa: PLC0415
+
+    marks = _run_stepvault(SQLiteStore(workdir / "sv.db"), n, size)
+    return {"marks": marks, "bytes": folder_bytes(workdir / "sv.db")}
+
+
+class _LoopState(TypedDict):
+    i: int
+    outputs: Annotated[list[str], operator.add]
+
+
+def run_langgraph_sqlite(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """LangGraph with SqliteSaver and durability="sync" (its durable mode)."""
+    import sqlite3  # noqa: PLC0415
+
+    from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: PLC0415
+    from langgraph.graph import END, START, StateGraph  # noqa: PLC0415
+
+    marks: list[float] = []
+
+    def step(state: _LoopState) -> dict[str, Any]:
+        marks.append(time.perf_counter())
+        return {"i": state["i"] + 1, "outputs": [str(state["i"] % 10) * size]}
+
+    graph = StateGraph(_LoopState)
+    graph.add_node("step", step)
+    graph.add_edge(START, "step")
+    graph.add_conditional_edges("step", lambda s: "step" if s["i"] < n else END)
+    db_path = workdir / "lg.db"
+    conn = sqlite3.connect(db_path, check_same_thread=False)
+    app = graph.compile(checkpointer=SqliteSaver(conn))
+    app.invoke(
+        {"i": 0, "outputs": []},
+        {"configurable": {"thread_id": "bench"}, "recursion_limit": n + 10},
+        durability="sync",
+    )
+    marks.append(time.perf_counter())
+    conn.close()
+    return {"marks": marks, "bytes": folder_bytes(db_path)}
+
+
+def run_dbos_sqlite(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """DBOS Transact with its default SQLite system database."""
+    from dbos import DBOS  # noqa: PLC0415
+
+    marks: list[float] = []
+    db_path = workdir / "dbos.sqlite"
+    DBOS(config={"name": "bench", "system_database_url": f"sqlite:///{db_path}"})
+
+    @DBOS.step()
+    def step(index: int) -> str:
+        marks.append(time.perf_counter())
+        return str(index % 10) * size
+
+    @DBOS.workflow()
+    def loop(count: int) -> int:
+        for index in range(count):
+            step(index)
+        return count
+
+    DBOS.launch()
+    try:
+        loop(n)
+        marks.append(time.perf_counter())
+    finally:
+        DBOS.destroy()
+    return {"marks": marks, "bytes": folder_bytes(db_path)}
+
+
+ENGINES: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
+    "baseline": run_baseline,
+    "floor (append+fdatasync)": run_floor,
+    "stepvault file": run_stepvault_file,
+    "stepvault sqlite": run_stepvault_sqlite,
+    "langgraph sqlite sync": run_langgraph_sqlite,
+    "dbos sqlite": run_dbos_sqlite,
+}
+
+
+def run_in_temp(engine: str, n: int, size: int) -> dict[str, Any]:
+    """Run one engine once in a fresh temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="stepvault-bench-") as folder:
+        return ENGINES[engine](n, size, Path(folder))

@@ -1,0 +1,73 @@
+"""Small file helpers the file store and its key files share: no symlinks, whole writes.
+
+Everything here refuses to follow a symlink where a store file should be, and
+creates files 0600 and folders 0700 whatever the umask (the umask can only take
+permission bits away, never add them).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from ..errors import StorageError
+
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | O_CLOEXEC
+
+
+def private_folder(folder: Path, *, create: bool) -> Path | None:
+    """Return ``folder`` (made 0700 if ``create``), None if absent; refuse a symlink.
+
+    Raises:
+        StorageError: something other than a real folder sits at ``folder``.
+    """
+    try:
+        mode = folder.lstat().st_mode
+    except FileNotFoundError:
+        if not create:
+            return None
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = folder.lstat().st_mode
+    if not stat.S_ISDIR(mode):
+        raise StorageError(f"{folder}: not a folder (a symlink or a file)")
+    return folder
+
+
+def read_file(path: Path, limit: int | None = None) -> bytes | None:
+    """Read a whole file (at most ``limit`` bytes) without following a symlink; None if absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read() if limit is None else handle.read(limit)
+
+
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``, continuing after short writes."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def write_new(path: Path, data: bytes, *, sync: bool) -> None:
+    """Create ``path`` 0600 holding ``data`` (fsynced if ``sync``); it must not exist."""
+    fd = os.open(path, NEW_FILE, 0o600)
+    try:
+        write_all(fd, data, 0)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make ``folder``'s entries (renames, new and removed files) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,481 @@
+"""PostgresStore: one database shared by many runners on many machines.
+
+The same row design as the SQLite store, in a schema of its own (``stepvault``
+unless told otherwise): ``sessions`` holds one row per session (clear columns for
+listings and expiry, the lease, and a framed snapshot of the whole session) and
+``steps`` is append-only, one framed checkpoint per row. Records are kept as the
+exact checksummed (and, with a key, encrypted) frames the other stores write, in
+``bytea``: a ``jsonb`` column would re-encode the bytes and lose both.
+
+Leases: a runner claims a session with ``SELECT ... FOR UPDATE SKIP LOCKED``,
+setting itself as owner, a lease expiry on the database's clock (``now()``, so
+the machines' clocks never matter) and a new epoch from a sequence. Every
+checkpoint is one statement fenced ``WHERE id = $1 AND owner = $2 AND epoch = $3``:
+a runner that lost its lease (paused, partitioned, presumed dead) commits nothing.
+Every write is a single statement, so no transaction is ever left open between
+round trips: a runner paused or killed mid-call holds no row lock, and no
+session-level advisory lock is taken (they break behind PgBouncer). The store
+creates and migrates its schema itself, recording the version in ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import re
+import urllib.parse
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+from .. import codec
+from ..errors import (
+    EngineError,
+    InvalidArgumentError,
+    LeaseLostError,
+    SessionBusyError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StorageError,
+)
+from ..log import get_logger
+from ..models import Checkpoint, Session, SessionInfo
+from .base import (
+    DEFAULT_LEASE_TTL,
+    Durability,
+    Lease,
+    check_durability,
+    check_fresh,
+    validate_session_id,
+)
+from .sql import COMPACT_MIN_BYTES, rebuild_session, refuse_commit
+
+SCHEMA_VERSION = 1
+DEFAULT_SCHEMA = "stepvault"
+_log = get_logger()
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE {s}.sessions (
+        id uuid PRIMARY KEY,
+        status text NOT NULL,
+        workflow text,
+        created_at timestamptz NOT NULL,
+        last_activity timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        steps_done integer NOT NULL,
+        revision bigint NOT NULL,
+        snapshot bytea NOT NULL,
+        snapshot_revision bigint NOT NULL,
+        snapshot_bytes bigint NOT NULL,
+        steps_bytes bigint NOT NULL DEFAULT 0,
+        owner text,
+        lease_expires timestamptz,
+        epoch bigint NOT NULL DEFAULT 0,
+        takeovers integer NOT NULL DEFAULT 0
+    ) WITH (fillfactor = 80);  -- room for the in-place (HOT) updates every commit makes
+    CREATE TABLE {s}.steps (
+        session_id uuid NOT NULL REFERENCES {s}.sessions (id) ON DELETE CASCADE,
+        revision bigint NOT NULL,
+        record bytea NOT NULL,
+        PRIMARY KEY (session_id, revision)
+    );
+    -- One sequence for every epoch: a session deleted and created again never
+    -- hands out an epoch that a lease from its earlier life still carries.
+    CREATE SEQUENCE {s}.lease_epochs;
+    """,
+}
+
+_SQL = {
+    "migration_lock": "SELECT pg_advisory_xact_lock(hashtext($1))",
+    "migration_start": """
+        CREATE SCHEMA IF NOT EXISTS {s};
+        CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL)""",
+    "migration_version": "SELECT coalesce(max(version), 0) FROM {s}.schema_version",
+    "migration_done": "INSERT INTO {s}.schema_version VALUES ($1)",
+    "create": """
+        INSERT INTO {s}.sessions (id, status, workflow, created_at, last_activity, expires_at,
+            steps_done, revision, snapshot, snapshot_revision, snapshot_bytes)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, length($9::bytea))
+        ON CONFLICT (id) DO NOTHING""",
+    # One statement, so the snapshot and the steps after it come from one snapshot.
+    "load": """
+        SELECT s.snapshot, s.snapshot_revision, st.revisions, st.records
+        FROM {s}.sessions AS s CROSS JOIN LATERAL (
+            SELECT array_agg(revision ORDER BY revision) AS revisions,
+                   array_agg(record ORDER BY revision) AS records
+            FROM {s}.steps WHERE session_id = s.id AND revision > s.snapshot_revision
+        ) AS st
+        WHERE s.id = $1""",
+    # A lease that ran out is void once the session is replaced: the owner is cleared.
+    "save": """
+        WITH saved AS (
+            UPDATE {s}.sessions SET status = $2, workflow = $3, last_activity = $4,
+                expires_at = $5, steps_done = $6, revision = $7, snapshot = $8,
+                snapshot_revision = $7, snapshot_bytes = length($8::bytea), steps_bytes = 0,
+                owner = NULL, lease_expires = NULL
+            WHERE id = $1 AND revision = $7 - 1 AND (owner IS NULL OR lease_expires <= now())
+            RETURNING id
+        ), dropped AS (
+            DELETE FROM {s}.steps WHERE session_id IN (SELECT id FROM saved)
+        )
+        SELECT count(*) FROM saved""",
+    "why_not_saved": """
+        SELECT revision, owner IS NOT NULL AND lease_expires > now() AS busy
+        FROM {s}.sessions WHERE id = $1""",
+    "commit": """
+        WITH fenced AS (
+            UPDATE {s}.sessions SET status = $5, last_activity = $6, expires_at = $7,
+                steps_done = steps_done + $8, revision = $4,
+                steps_bytes = steps_bytes + length($9::bytea)
+            WHERE id = $1 AND owner = $2 AND epoch = $3 AND revision = $4 - 1
+            RETURNING id, snapshot_bytes, steps_bytes
+        ), added AS (
+            INSERT INTO {s}.steps (session_id, revision, record) SELECT id, $4, $9 FROM fenced
+        )
+        SELECT snapshot_bytes, steps_bytes FROM fenced""",
+    "why_not_committed": "SELECT owner, epoch, revision FROM {s}.sessions WHERE id = $1",
+    "compact": """
+        WITH folded AS (
+            UPDATE {s}.sessions SET snapshot = $2, snapshot_revision = $3,
+                snapshot_bytes = length($2::bytea), steps_bytes = 0
+            WHERE id = $1 AND revision = $3
+            RETURNING id
+        )
+        DELETE FROM {s}.steps WHERE session_id IN (SELECT id FROM folded) AND revision <= $3""",
+    "delete": "DELETE FROM {s}.sessions WHERE id = $1",
+    "list": """
+        SELECT id::text AS id, status, workflow, created_at, last_activity, expires_at,
+            steps_done
+        FROM {s}.sessions ORDER BY id""",
+    "acquire": """
+        WITH candidate AS (
+            SELECT id, owner FROM {s}.sessions
+            WHERE id = $1 AND (owner IS NULL OR lease_expires <= now())
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE {s}.sessions AS held SET owner = $2,
+            lease_expires = now() + make_interval(secs => $3),
+            epoch = nextval('{s}.lease_epochs'),
+            takeovers = held.takeovers + (candidate.owner IS NOT NULL)::int
+        FROM candidate WHERE held.id = candidate.id
+        RETURNING held.epoch, held.takeovers""",
+    "exists": "SELECT true FROM {s}.sessions WHERE id = $1",
+    "renew": """
+        UPDATE {s}.sessions SET lease_expires = now() + make_interval(secs => $4)
+        WHERE id = $1 AND owner = $2 AND epoch = $3""",
+    "release": """
+        UPDATE {s}.sessions SET owner = NULL, lease_expires = NULL, takeovers = 0
+        WHERE id = $1 AND owner = $2 AND epoch = $3""",
+}
+
+
+class PostgresStore:
+    """Store sessions in PostgreSQL, shared by runners on many machines.
+
+    Args:
+        dsn: a ``postgresql://`` URL; a ``schema`` query parameter names the schema.
+        schema: the schema holding stepvault's tables (default ``stepvault``),
+            created and migrated on first use.
+        durability: ``"fsync"`` (the server's own setting, normally durable at
+            commit) or ``"none"`` (``synchronous_commit=off``, for tests).
+        min_connections, max_connections: the connection pool's bounds.
+        compact_bytes: step bytes below which no compaction happens.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        durability: Durability = "fsync",
+        min_connections: int = 1,
+        max_connections: int = 10,
+        compact_bytes: int = COMPACT_MIN_BYTES,
+    ) -> None:
+        self.dsn, from_url = _split_schema(dsn)
+        if schema is not None and from_url is not None and schema != from_url:
+            raise InvalidArgumentError(
+                f"schema {schema!r} given twice, differently ({from_url!r} in the URL)"
+            )
+        self.schema = schema or from_url or DEFAULT_SCHEMA
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.schema):
+            raise InvalidArgumentError(
+                f"schema must be a lowercase SQL identifier, got {self.schema!r}"
+            )
+        if not 1 <= min_connections <= max_connections:
+            raise InvalidArgumentError(
+                f"need 1 <= min_connections <= max_connections, got "
+                f"{min_connections} and {max_connections}"
+            )
+        self.durability = check_durability(durability)
+        self.compact_bytes = compact_bytes
+        self._pool_bounds = (min_connections, max_connections)
+        self._sql = {name: query.format(s=self.schema) for name, query in _SQL.items()}
+        self._pool: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: asyncio.Lock | None = None
+        self._held: dict[str, Lease] = {}
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({_where(self.dsn)!r}, schema={self.schema!r})"
+
+    # -- the Store protocol ---------------------------------------------------
+
+    async def create(self, session: Session) -> None:
+        """Insert a new session row with its snapshot."""
+        validate_session_id(session.id)
+        snapshot = codec.encode_model(session.revision, session, f"session {session.id}")
+        status = await self._call(
+            "execute",
+            "create",
+            session.id,
+            session.status,
+            session.workflow,
+            session.created_at,
+            session.last_activity,
+            session.expires_at,
+            session.cursor,
+            session.revision,
+            snapshot,
+        )
+        if status != "INSERT 0 1":
+            raise SessionExistsError(f"session {session.id} already exists")
+
+    async def load(self, session_id: str) -> Session | None:
+        """Return the session rebuilt from its snapshot and later steps, or None."""
+        row = await self._call("fetchrow", "load", validate_session_id(session_id))
+        if row is None:
+            return None
+        steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
+        # Decoding a large session takes a while: never on the event loop.
+        return await asyncio.to_thread(
+            rebuild_session,
+            f"postgres {self.schema} session {session_id}",
+            session_id,
+            row["snapshot"],
+            row["snapshot_revision"],
+            steps,
+        )
+
+    async def save(self, session: Session) -> None:
+        """Replace the session whole; ``SessionBusyError`` while a runner's lease is live."""
+        validate_session_id(session.id)
+        revision = session.revision + 1
+        saved = session.model_copy(update={"revision": revision})
+        snapshot = codec.encode_model(revision, saved, f"session {session.id}")
+        count = await self._call(
+            "fetchval",
+            "save",
+            session.id,
+            saved.status,
+            saved.workflow,
+            saved.last_activity,
+            saved.expires_at,
+            saved.cursor,
+            revision,
+            snapshot,
+        )
+        if count != 1:
+            row = await self._call("fetchrow", "why_not_saved", session.id)
+            if row is None:
+                raise SessionNotFoundError(f"session {session.id} not found")
+            check_fresh(session.id, session.revision, row["revision"])
+            raise SessionBusyError(f"session {session.id} is being run by a runner")
+        session.revision = revision
+
+    async def commit(self, lease: Lease, checkpoint: Checkpoint) -> None:
+        """Insert one step and update the session row in one statement, fenced by the lease."""
+        session_id = validate_session_id(lease.session_id)
+        what = f"checkpoint {checkpoint.revision} of session {session_id}"
+        record = codec.encode_model(checkpoint.revision, checkpoint, what)
+        row = await self._call(
+            "fetchrow",
+            "commit",
+            session_id,
+            lease.owner,
+            lease.token,
+            checkpoint.revision,
+            checkpoint.status,
+            checkpoint.last_activity,
+            checkpoint.expires_at,
+            int(checkpoint.step is not None),
+            record,
+        )
+        if row is None:
+            found = await self._call("fetchrow", "why_not_committed", session_id)
+            refuse_commit(lease, checkpoint, None if found is None else tuple(found))
+        if row["steps_bytes"] > max(self.compact_bytes, row["snapshot_bytes"]):
+            await self._compact_quietly(session_id)
+
+    async def _compact_quietly(self, session_id: str) -> None:
+        """Fold the steps into the snapshot; a failure here loses nothing committed."""
+        try:
+            session = await self.load(session_id)
+            if session is not None:
+                what = f"session {session_id}"
+                snapshot = await asyncio.to_thread(
+                    codec.encode_model, session.revision, session, what
+                )
+                await self._call("execute", "compact", session_id, snapshot, session.revision)
+        except EngineError as exc:
+            _log.warning("compaction.failed", session_id=session_id, error=str(exc))
+
+    async def delete(self, session_id: str) -> bool:
+        """Remove a session and its steps; return whether it existed."""
+        status = await self._call("execute", "delete", validate_session_id(session_id))
+        self._held.pop(session_id, None)
+        return bool(status == "DELETE 1")
+
+    async def list(self) -> builtins.list[SessionInfo]:
+        """Return a row per session from the clear columns, without decoding snapshots."""
+        rows = await self._call("fetch", "list")
+        return [SessionInfo.model_validate(dict(row)) for row in rows]
+
+    async def acquire(
+        self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
+    ) -> Lease | None:
+        """Claim the session if it is free or its holder's lease ran out."""
+        validate_session_id(session_id)
+        row = await self._call("fetchrow", "acquire", session_id, owner, float(ttl))
+        if row is None:
+            if not await self._call("fetchval", "exists", session_id):
+                raise SessionNotFoundError(f"session {session_id} not found")
+            return None
+        lease = self._held[session_id] = Lease(session_id, owner, row["epoch"], row["takeovers"])
+        return lease
+
+    async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> None:
+        """Extend a lease; ``LeaseLostError`` if another runner took the session."""
+        validate_session_id(lease.session_id)
+        args = (lease.session_id, lease.owner, lease.token, float(ttl))
+        if await self._call("execute", "renew", *args) != "UPDATE 1":
+            raise LeaseLostError(f"session {lease.session_id}: lease lost to another runner")
+
+    async def release(self, lease: Lease) -> None:
+        """Give a lease back if it is still this one; otherwise do nothing."""
+        validate_session_id(lease.session_id)
+        await self._call("execute", "release", lease.session_id, lease.owner, lease.token)
+        if self._held.get(lease.session_id) == lease:
+            del self._held[lease.session_id]
+
+    async def close(self) -> None:
+        """Release this store's leases and close its connection pool. Idempotent."""
+        if self._pool is None:
+            return
+        for lease in list(self._held.values()):
+            try:
+                await self.release(lease)
+            except EngineError as exc:  # it runs out on its own; closing goes on
+                _log.warning("lease.release_failed", session_id=lease.session_id, error=str(exc))
+        self._held.clear()
+        pool, self._pool = self._pool, None
+        await pool.close()
+
+    async def migrate(self) -> int:
+        """Create or upgrade the schema now rather than on first use; return its version."""
+        await self._connect()
+        return SCHEMA_VERSION
+
+    # -- connection, schema, errors -------------------------------------------
+
+    async def _connect(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._pool is not None:
+            if self._loop is not loop:
+                # Connections belong to the event loop that opened them.
+                raise StorageError(
+                    f"{self!r} is connected under another event loop: close it "
+                    "(await store.close()) before that loop ends, and it reconnects"
+                )
+            return self._pool
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await self._open_pool()
+                self._loop = loop
+        return self._pool
+
+    async def _open_pool(self) -> Any:
+        asyncpg = _asyncpg()
+        low, high = self._pool_bounds
+        settings = {"synchronous_commit": "off"} if self.durability == "none" else {}
+        with self._errors(f"cannot connect to PostgreSQL at {_where(self.dsn)}"):
+            pool = await asyncpg.create_pool(
+                self.dsn, min_size=low, max_size=high, server_settings=settings
+            )
+        try:
+            with self._errors(f"cannot migrate schema {self.schema}"):
+                await self._migrate(pool)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
+    async def _migrate(self, pool: Any) -> None:
+        sql = self._sql
+        async with pool.acquire() as conn, conn.transaction():
+            # Concurrent runners starting at once take turns here. The lock is
+            # released at commit, so unlike a session-level advisory lock it is safe
+            # behind PgBouncer's transaction pooling.
+            await conn.execute(sql["migration_lock"], f"stepvault:{self.schema}")
+            await conn.execute(sql["migration_start"])
+            current = await conn.fetchval(sql["migration_version"])
+            if current > SCHEMA_VERSION:
+                raise StorageError(
+                    f"schema {self.schema} is at version {current}, newer than this "
+                    f"stepvault understands ({SCHEMA_VERSION}): upgrade stepvault"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                await conn.execute(_MIGRATIONS[version].format(s=self.schema))
+                await conn.execute(sql["migration_done"], version)
+
+    async def _call(self, method: str, statement: str, *args: Any) -> Any:
+        """Run one named statement on a pooled connection (its own transaction)."""
+        pool = await self._connect()
+        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
+            return await getattr(pool, method)(self._sql[statement], *args)
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Turn the driver's and the network's errors into ``StorageError``."""
+        asyncpg = _asyncpg()
+        try:
+            yield
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _asyncpg() -> ModuleType:
+    """Import the optional driver, or say which extra installs it."""
+    try:
+        import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415  # optional dependency
+    except ImportError:
+        raise EngineError(
+            "PostgresStore needs the asyncpg driver: pip install 'stepvault[postgres]'"
+        ) from None
+    module: ModuleType = asyncpg
+    return module
+
+
+def _split_schema(dsn: str) -> tuple[str, str | None]:
+    """Take stepvault's ``schema`` parameter out of a URL (the driver would reject it)."""
+    parts = urllib.parse.urlsplit(dsn)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for key, value in query if key == "schema"]
+    if not schemas:
+        return dsn, None
+    rest = urllib.parse.urlencode([(key, value) for key, value in query if key != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[-1]
+
+
+def _where(dsn: str) -> str:
+    """Name a database by host, port and name: never print a URL's password."""
+    parts = urllib.parse.urlsplit(dsn)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # the driver reports the bad port itself
+        port = ""
+    return f"{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
