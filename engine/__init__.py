@@ -41,7 +41,7 @@ from .models import (
 )
 from .runner import Runner, RunnerHook, StepEvent
 from .sessions import SessionManager
-from .stores import FileStore, Lease, MemoryStore, Store, open_store
+from .stores import FileStore, Lease, MemoryStore, PostgresStore, SQLiteStore, Store, open_store
 from .workflow import Step, StepContext, Workflow
 
 __all__ = [
@@ -56,8 +56,10 @@ __all__ = [
     "Lease",
     "LeaseLostError",
     "MemoryStore",
+    "PostgresStore",
     "Runner",
     "RunnerHook",
+    "SQLiteStore",
     "SerializationError",
     "Session",
     "SessionBusyError",

@@ -259,7 +259,7 @@ async def _unfinished(store: Store) -> list[Session]:
     for row in await store.list():
         if row.problem is not None:
             _warn(f"session {row.id} is unreadable and left alone: {row.problem}")
-        elif row.status in UNFINISHED and not row.is_expired(now):
+        elif row.status in UNFINISHED and not row.is_expired(now) and row.workflow:
             try:
                 session = await store.load(row.id)
             except EngineError as exc:

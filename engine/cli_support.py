@@ -37,7 +37,7 @@ from rich.text import Text
 from .errors import EngineError, SessionExpiredError, SessionNotFoundError
 from .models import Session
 from .runner import StepEvent
-from .stores import Store, open_store
+from .stores import STORE_URLS, Store, open_store
 from .workflow import Workflow
 
 DEFAULT_STORE = "./sessions"
@@ -47,7 +47,8 @@ StoreOption = Annotated[
     typer.Option(
         "--store",
         envvar="STEPVAULT_STORE",
-        help="Where sessions live: a folder, file://folder or memory://.",
+        metavar="URL",
+        help=f"Where sessions live: {STORE_URLS}.",
     ),
 ]
 JsonOption = Annotated[

@@ -20,6 +20,7 @@ from .errors import (
     SessionExpiredError,
     SessionLimitError,
     SessionNotFoundError,
+    StorageError,
 )
 from .log import get_logger
 from .models import (
@@ -233,8 +234,17 @@ class SessionManager:
         for row in await self.store.list():
             if row.problem is not None:
                 skipped[row.id] = row.problem
-            elif row.is_expired(now) and await self.store.delete(row.id):
-                cleaned += 1
+            elif row.is_expired(now):
+                # Read it first: a listing may come from clear columns only (SQL stores),
+                # and a session that is damaged, locked by a key, or refreshed since the
+                # listing must not be deleted.
+                try:
+                    session = await self.store.load(row.id)
+                except StorageError as exc:
+                    skipped[row.id] = str(exc)
+                    continue
+                if session is not None and session.is_expired(now):
+                    cleaned += await self.store.delete(row.id)
         result = CleanupResult(
             cleaned_sessions=cleaned, duration=time.perf_counter() - started, skipped=skipped
         )
