@@ -27,6 +27,7 @@ from workflow_support import InboxStore, Stores, eventually
 from engine import (
     FileStore,
     InvalidArgumentError,
+    Lease,
     Runner,
     SerializationError,
     SessionBusyError,
@@ -127,10 +128,18 @@ async def test_a_session_waits_without_a_lease_and_goes_on_when_the_event_comes(
             "review",
             "approval",
         )
-        # Nobody holds it while it waits: any runner could take it
-        lease = await probe.acquire(sid, "probe")
-        assert lease is not None
-        await probe.release(lease)
+        # Nobody holds it while it waits: any runner can take it once the runner has
+        # let go (the waiting status is committed just before the lease is released)
+        leases: list[Lease] = []
+
+        async def _take() -> bool:
+            lease = await probe.acquire(sid, "probe")
+            if lease is not None:
+                leases.append(lease)
+            return lease is not None
+
+        await eventually(_take, what="the lease free while waiting")
+        await probe.release(leases[0])
 
         # When the approval is sent
         await runner.send_event(sid, "approval", {"approved": True, "by": "lee"})
