@@ -13,6 +13,7 @@ file and a PNG plot of cost per step against step number.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -50,7 +51,7 @@ def child(engine: str, n: int, size: int) -> dict[str, Any]:
 
 def step_costs(marks: list[float]) -> list[float]:
     """Seconds between consecutive step starts: what each step cost, engine included."""
-    return [after - before for before, after in zip(marks, marks[1:], strict=False)]
+    return [after - before for before, after in itertools.pairwise(marks)]
 
 
 def window_median(costs: list[float], center: int, width: int = 50) -> float:
@@ -88,12 +89,13 @@ def measure_loops(
                     "costs": step_costs(best["marks"]),
                 }
             )
-            print(f"  {engine:<26} N={n:<6} {rows[-1]['per_step_ms']:.3f} ms/step", file=sys.stderr)
+            cost = rows[-1]["per_step_ms"]
+            print(f"  {engine:<26} N={n:<6} {cost:.3f} ms/step", file=sys.stderr)
     return rows
 
 
 def measure_restart(sessions: int, steps: int) -> dict[str, float]:
-    """Time to first step after resume_all over many unfinished sessions; time to load a long one."""
+    """Time to the first step after resume_all over many sessions; time to load a long one."""
     script = HERE / "restart.py"
     done = subprocess.run(
         [sys.executable, str(script), str(sessions), str(steps)],
@@ -120,7 +122,8 @@ def versions() -> dict[str, str]:
 def table(rows: list[dict[str, Any]], floor: dict[int, float], base: dict[int, float]) -> str:
     """Render the loop figures as a Markdown table."""
     lines = [
-        "| engine | N | ms/step (median) | min-max | overhead vs no engine | x floor | bytes/step |",
+        "| engine | N | ms/step (median) | min-max | overhead vs no engine | x floor "
+        "| bytes/step |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -181,9 +184,7 @@ def main() -> None:
     ]
     started = time.time()
     rows = measure_loops(engines, sizes, runs, args.output_bytes)
-    big = measure_loops(
-        ["floor (append+fdatasync)", "stepvault file"], [100], runs, 100 * 1024
-    )
+    big = measure_loops(["floor (append+fdatasync)", "stepvault file"], [100], runs, 100 * 1024)
     floor = {r["n"]: r["per_step_ms"] for r in rows if r["engine"].startswith("floor")}
     base = {r["n"]: r["per_step_ms"] for r in rows if r["engine"] == "baseline"}
     restart = measure_restart(200 if args.quick else 10000, 100 if args.quick else 10000)

@@ -1,6 +1,6 @@
 """Restart figures: how soon resume_all starts work, and how fast a long session loads.
 
-    python benchmarks/restart.py SESSIONS STEPS   # prints one JSON object
+python benchmarks/restart.py SESSIONS STEPS   # prints one JSON object
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from typing import Any
 from engine import FileStore, Runner, SessionManager, StepContext, Workflow
 
 
-def _workflow(steps: int, started: list[float]) -> Workflow:
+def _workflow(steps: int, started: list[float], first: asyncio.Event | None = None) -> Workflow:
     workflow = Workflow("restart")
     for index in range(steps):
 
         async def step(ctx: StepContext, value: Any) -> int:
             if not started:
                 started.append(time.perf_counter())
+                if first is not None:
+                    first.set()
             return 1
 
         workflow.step(name=f"s{index}")(step)
@@ -57,13 +59,13 @@ async def main(sessions: int, steps: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="stepvault-restart-") as root:
         many, long = Path(root) / "many", Path(root) / "long"
         started: list[float] = []
-        workflow = _workflow(1, started)
+        first = asyncio.Event()
+        workflow = _workflow(1, started, first)
         await _seed(many, sessions, workflow)
         async with Runner(FileStore(many), [workflow], cleanup_interval=None) as runner:
             begin = time.perf_counter()
             ids = await runner.resume_all()
-            while not started:
-                await asyncio.sleep(0.001)
+            await first.wait()
             first_step = started[0] - begin
             await asyncio.gather(*(runner.wait(i) for i in ids))
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -73,7 +75,8 @@ async def main(sessions: int, steps: int) -> dict[str, float]:
         begin = time.perf_counter()
         loaded = await store.load(session_id)
         load_ms = (time.perf_counter() - begin) * 1000
-        assert loaded is not None and len(loaded.steps_done) == steps
+        if loaded is None or len(loaded.steps_done) != steps:
+            raise RuntimeError("the long session did not load whole")
     return {
         "sessions": sessions,
         "resume_all_first_step_s": first_step,

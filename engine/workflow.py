@@ -276,7 +276,7 @@ class Workflow:
         self.name = name
         self.version = str(version)
         self.on_failure: FailurePolicy = on_failure
-        self._steps: list[Step] = []
+        self._steps: tuple[Step, ...] = ()
         self._migrations: dict[str, Migration] = {}
 
     def __repr__(self) -> str:
@@ -284,8 +284,8 @@ class Workflow:
 
     @property
     def steps(self) -> tuple[Step, ...]:
-        """Return the steps in the order they run."""
-        return tuple(self._steps)
+        """Return the steps in the order they run (read on every step: never copied)."""
+        return self._steps
 
     @property
     def step_names(self) -> list[str]:
@@ -464,4 +464,4 @@ class Workflow:
             raise WorkflowDefinitionError(
                 f"workflow {self.name!r} already has a step named {step.name!r}"
             )
-        self._steps.append(step)
+        self._steps = (*self._steps, step)

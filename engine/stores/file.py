@@ -96,6 +96,12 @@ class FileStore:
         compact_bytes: journal size below which no compaction happens.
         keys_path: the folder of the sessions' data keys (default ``path/.keys``);
             on other storage, backups of ``path`` hold no keys.
+        inline_commits: while this store runs a single session, write and sync its
+            checkpoints on the event loop's thread: one fdatasync there costs less
+            than a hop to a worker thread and back (see docs/benchmarks.md). With
+            several sessions at once, commits go to worker threads so their syncs
+            overlap. False always uses a worker thread (the loop never waits on
+            the disk).
     """
 
     def __init__(
@@ -106,8 +112,10 @@ class FileStore:
         durability: Durability = "fsync",
         compact_bytes: int = COMPACT_MIN_BYTES,
         keys_path: str | os.PathLike[str] | None = None,
+        inline_commits: bool = True,
     ) -> None:
         self.path = Path(path)
+        self.inline_commits = inline_commits
         self.durability = check_durability(durability)
         self.compact_bytes = compact_bytes
         self.keys_path = self.path / KEYS if keys_path is None else Path(keys_path)
@@ -152,6 +160,13 @@ class FileStore:
             raise LeaseLostError(f"session {session_id}: this lease is not the one held here")
         what = f"checkpoint {checkpoint.revision} of session {session_id}"
         body = codec.dump_json(checkpoint, what)
+        if self.inline_commits and len(self._locks) == 1:
+            try:
+                self._commit_sync(session_id, body, checkpoint.revision)
+            except OSError as exc:
+                raise StorageError(f"file store {self.path}: {exc}") from exc
+            await asyncio.sleep(0)  # let the loop's other tasks run between checkpoints
+            return
         await self._run(self._commit_sync, session_id, body, checkpoint.revision)
 
     async def delete(self, session_id: str) -> bool:
