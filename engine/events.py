@@ -83,11 +83,11 @@ async def deliver(
         SessionBusyError: another runner holds the lease and the store is no
             ``EventInbox``.
     """
+    if holder is not None:  # ours: into the session now, so a waiting step takes it at once
+        await holder.commit(keep_status=True, events_added=[event])
+        return
     if isinstance(store, EventInbox):
         await store.post_event(session_id, event)
-        return
-    if holder is not None:
-        await holder.commit(keep_status=True, events_added=[event])
         return
     lease = await acquire(session_id)
     if lease is None:

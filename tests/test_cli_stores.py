@@ -10,6 +10,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from engine.cli import app
+from engine.stores.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA
+from engine.stores.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 
 
 def invoke(*args: str) -> tuple[int, str, str]:
@@ -23,9 +25,10 @@ def test_migrate_creates_a_sqlite_schema_and_says_its_version(tmp_path: Path) ->
     code, out, _ = invoke("migrate", "--store", f"sqlite:///{database}")
 
     assert code == 0
-    assert "schema at version 1" in out
+    assert f"schema at version {SQLITE_SCHEMA}" in out
     with closing(sqlite3.connect(database)) as db:
-        assert db.execute("SELECT version FROM stepvault_schema").fetchall() == [(1,)]
+        versions = db.execute("SELECT version FROM stepvault_schema").fetchall()
+    assert versions == [(version,) for version in range(1, SQLITE_SCHEMA + 1)]
 
 
 def test_migrate_of_a_postgres_schema_hides_the_urls_password(postgres_url: str) -> None:
@@ -35,7 +38,7 @@ def test_migrate_of_a_postgres_schema_hides_the_urls_password(postgres_url: str)
 
     assert code == 0
     assert "unused-secret" not in out
-    assert json.loads(out)["schema_version"] == 1
+    assert json.loads(out)["schema_version"] == POSTGRES_SCHEMA
 
 
 def test_migrate_of_a_store_without_a_schema_changes_nothing(tmp_path: Path) -> None:
@@ -51,7 +54,7 @@ def test_migrate_refuses_a_schema_newer_than_this_stepvault(tmp_path: Path) -> N
     database = tmp_path / "sessions.db"
     assert invoke("migrate", "--store", f"sqlite:///{database}")[0] == 0
     with closing(sqlite3.connect(database, isolation_level=None)) as db:
-        db.execute("INSERT INTO stepvault_schema VALUES (2)")
+        db.execute("INSERT INTO stepvault_schema VALUES (?)", (SQLITE_SCHEMA + 1,))
 
     # When this version is asked to migrate it
     code, _, err = invoke("migrate", "--store", f"sqlite:///{database}")

@@ -28,6 +28,7 @@ from engine import (
 )
 from engine.models import utcnow
 from engine.stores import PostgresStore
+from engine.stores.postgres import SCHEMA_VERSION
 
 asyncpg = pytest.importorskip("asyncpg", reason="pip install 'stepvault[postgres]'")
 
@@ -127,10 +128,10 @@ async def test_the_store_creates_its_schema_once_even_when_runners_start_togethe
     # When each of them migrates
     versions = await asyncio.gather(*(store.migrate() for store in stores))
 
-    # Then the schema exists at version 1, recorded once
-    assert versions == [1] * 5
-    rows = await sql.fetch("SELECT version FROM schema_version")
-    assert [row["version"] for row in rows] == [1]
+    # Then the schema exists at the current version, each migration recorded once
+    assert versions == [SCHEMA_VERSION] * 5
+    rows = await sql.fetch("SELECT version FROM schema_version ORDER BY version")
+    assert [row["version"] for row in rows] == list(range(1, SCHEMA_VERSION + 1))
     await asyncio.gather(*(store.close() for store in stores))
 
 

@@ -30,6 +30,7 @@ from engine import (
 )
 from engine.models import utcnow
 from engine.stores import SQLiteStore
+from engine.stores.sqlite import SCHEMA_VERSION
 
 MakeSession = Callable[..., Session]
 
@@ -203,10 +204,11 @@ async def test_a_commit_waits_for_another_processs_write_without_blocking_the_lo
 
 
 async def test_migrate_creates_the_schema_once(sqlite_store: SQLiteStore, database: Path) -> None:
-    assert await sqlite_store.migrate() == 1
-    assert await SQLiteStore(database).migrate() == 1
+    assert await sqlite_store.migrate() == SCHEMA_VERSION
+    assert await SQLiteStore(database).migrate() == SCHEMA_VERSION
 
-    assert raw(database, "SELECT version FROM stepvault_schema") == [(1,)]
+    versions = raw(database, "SELECT version FROM stepvault_schema")
+    assert versions == [(version,) for version in range(1, SCHEMA_VERSION + 1)]
 
 
 async def test_a_schema_from_a_newer_stepvault_is_refused(

@@ -5,6 +5,9 @@ and limit tests (test_sessions.py) run on every store too. Lease tests that need
 lease to run out while its holder lives apply to the stores whose leases expire by
 time (SQLite, PostgreSQL): a file store's lock lasts exactly as long as its
 holder's process, and a memory store's holder cannot vanish.
+
+The inbox tests run on every store that takes events without the lease
+(``engine.events.EventInbox``) and skip, saying so, on a store that does not.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from engine import (
     Store,
     ToolResult,
 )
-from engine.models import utcnow
+from engine.events import EventInbox
+from engine.models import Event, utcnow
 
 MakeSession = Callable[..., Session]
 MakeStore = Callable[..., Store]
@@ -681,6 +685,51 @@ async def test_a_ten_megabyte_output_round_trips(store: Store, make_session: Mak
     assert loaded == session
 
 
+# -- several views of one store ------------------------------------------------------
+
+CREATE_ONE = """
+import asyncio, sys
+from engine import SessionManager, open_store
+
+async def main():
+    manager = SessionManager(open_store(sys.argv[1]), cleanup_interval=None)
+    print((await manager.create_session()).id, flush=True)
+    await manager.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_views_in_one_process_and_writers_in_others_all_see_every_write(
+    store: Store, make_store: MakeStore, store_url: str | None, make_session: MakeSession
+) -> None:
+    if store_url is None:
+        pytest.skip("a memory store cannot be shared with another process")
+    # Given two views of the store open in this process, the second opened after
+    # the first was in use (as a runner and a dashboard in one service)
+    first = make_session()
+    await store.create(first)
+    other_view = make_store()
+    assert await other_view.load(first.id) == first
+    ids = {first.id}
+
+    # When other processes write and exit, while this process goes on writing
+    for _ in range(3):
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CREATE_ONE, store_url, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(writer.communicate(), DEADLINE)
+        assert writer.returncode == 0
+        ids.add(out.decode().strip())
+        mine = make_session()
+        await store.create(mine)
+        ids.add(mine.id)
+
+    # Then every view, and a fresh one, sees every session
+    for view in (store, other_view, make_store()):
+        assert {row.id for row in await view.list()} == ids
+
+
 # -- leases between runners -------------------------------------------------------
 
 
@@ -976,3 +1025,344 @@ async def test_unicode_names_and_values_round_trip_through_commits_and_listings(
     (row,) = await store.list()
     assert row.workflow == name
     assert row.steps_done == 1
+
+
+# -- events posted without the lease (EventInbox) ------------------------------------
+
+
+def inbox_of(store: Store) -> EventInbox:
+    """The store as an ``EventInbox``; skip a store that takes events only under the lease."""
+    if not isinstance(store, EventInbox):
+        pytest.skip(
+            f"{type(store).__name__} has no post_event: it takes events only through a "
+            "checkpoint committed under the session's lease"
+        )
+    return store
+
+
+def an_event(name: str = "approval", payload: Any = None, event_id: str | None = None) -> Event:
+    return Event(id=event_id or str(uuid.uuid4()), name=name, payload=payload, sent_at=utcnow())
+
+
+def numbered(session: Session | None) -> list[tuple[int | None, str]]:
+    """The session's inbox as (number, event id) pairs, in order."""
+    assert session is not None
+    return [(event.seq, event.id) for event in session.inbox]
+
+
+async def test_an_event_is_posted_while_another_runner_holds_the_lease(
+    store: Store, make_store: MakeStore, store_url: str | None, make_session: MakeSession
+) -> None:
+    # Given a session that runner-a holds through its own view of the store
+    inbox = inbox_of(store)
+    holder = second_view(store, make_store, store_url)
+    session = make_session(state={"v": 1})
+    await store.create(session)
+    lease = await lease_for(holder, session.id, "runner-a")
+
+    # When an event is posted through another view, without the lease
+    event = an_event(payload={"approved": True, "by": "eve"})
+    number = await inbox.post_event(session.id, event)
+
+    # Then it is number 1 and every view loads it in the inbox, the rest unchanged
+    assert number == 1
+    for view in (store, holder):
+        loaded = await view.load(session.id)
+        assert loaded is not None
+        assert loaded.inbox == [event.model_copy(update={"seq": 1})]
+        assert loaded.model_copy(update={"inbox": []}) == session
+
+    # And the lease is untouched: still held, and its holder still commits
+    assert await store.acquire(session.id, "runner-b") is None
+    await commit(holder, lease, session, step="one", output=1)
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert (loaded.steps_done, numbered(loaded)) == (["one"], [(1, event.id)])
+
+
+async def test_posted_events_are_numbered_per_session_and_load_in_order(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given two sessions
+    inbox = inbox_of(store)
+    first, second = make_session(), make_session()
+    await store.create(first)
+    await store.create(second)
+
+    # When three events go to the first and one to the second
+    events = [an_event(f"e{index}", payload=index) for index in range(3)]
+    numbers = [await inbox.post_event(first.id, event) for event in events]
+    other = an_event("other")
+    other_number = await inbox.post_event(second.id, other)
+
+    # Then each session numbers its own from 1, and loads them in that order
+    assert (numbers, other_number) == ([1, 2, 3], 1)
+    assert numbered(await store.load(first.id)) == [
+        (n, e.id) for n, e in zip(numbers, events, strict=True)
+    ]
+    assert numbered(await store.load(second.id)) == [(1, other.id)]
+
+
+async def test_posting_an_id_again_returns_its_number_and_keeps_one_copy(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given two posted events
+    inbox = inbox_of(store)
+    session = make_session()
+    await store.create(session)
+    first, second = an_event("a", payload=1), an_event("b", payload=2)
+    assert [await inbox.post_event(session.id, e) for e in (first, second)] == [1, 2]
+
+    # When the first is posted again (a sender retrying), even with another payload
+    again = await inbox.post_event(session.id, first.model_copy(update={"payload": "retry"}))
+
+    # Then it keeps its number and its first payload, and no number was used up
+    assert again == 1
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert [(e.seq, e.payload) for e in loaded.inbox] == [(1, 1), (2, 2)]
+    assert await inbox.post_event(session.id, an_event("c")) == 3
+
+
+async def test_concurrent_posts_get_distinct_numbers_and_no_reader_sees_a_gap(
+    store: Store, make_store: MakeStore, store_url: str | None, make_session: MakeSession
+) -> None:
+    # Given a held session and four senders, each with its own view of the store
+    inbox_of(store)
+    session = make_session()
+    await store.create(session)
+    await lease_for(store, session.id, "runner-a")
+    senders = [second_view(store, make_store, store_url) for _ in range(4)]
+    per_sender = 10
+    done = asyncio.Event()
+    seen: list[list[int | None]] = []
+
+    async def send(view: Store, index: int) -> list[int]:
+        posting = inbox_of(view)
+        return [
+            await posting.post_event(session.id, an_event("item", {"from": index, "n": n}))
+            for n in range(per_sender)
+        ]
+
+    async def read() -> None:
+        while not done.is_set():
+            loaded = await store.load(session.id)
+            assert loaded is not None
+            seen.append([event.seq for event in loaded.inbox])
+            await asyncio.sleep(0)
+
+    # When they all post at once while a reader keeps loading the session
+    reader = asyncio.create_task(read())
+    try:
+        numbers = await asyncio.gather(*(send(view, i) for i, view in enumerate(senders)))
+    finally:
+        done.set()
+        await reader
+
+    # Then the numbers are 1..40, each sender's in the order it sent them
+    total = len(senders) * per_sender
+    assert sorted(n for sent in numbers for n in sent) == list(range(1, total + 1))
+    assert all(sent == sorted(sent) for sent in numbers)
+    # And every load saw a prefix: never an event without all those numbered before it
+    assert seen
+    assert all(seqs == list(range(1, len(seqs) + 1)) for seqs in seen)
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert [e.seq for e in loaded.inbox] == list(range(1, total + 1))
+    by_sender: dict[int, list[int]] = {}
+    for event in loaded.inbox:
+        by_sender.setdefault(event.payload["from"], []).append(event.payload["n"])
+    assert by_sender == {index: list(range(per_sender)) for index in range(len(senders))}
+
+
+async def test_concurrent_posts_of_one_id_store_it_once_under_one_number(
+    store: Store, make_store: MakeStore, store_url: str | None, make_session: MakeSession
+) -> None:
+    inbox_of(store)
+    session = make_session()
+    await store.create(session)
+    views = [second_view(store, make_store, store_url) for _ in range(5)]
+    event = an_event()
+
+    numbers = await asyncio.gather(
+        *(inbox_of(view).post_event(session.id, event) for view in views)
+    )
+
+    assert numbers == [1] * 5
+    assert numbered(await store.load(session.id)) == [(1, event.id)]
+    assert await inbox_of(store).post_event(session.id, an_event()) == 2
+
+
+async def test_a_commit_that_absorbs_events_lets_the_store_forget_them(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given three posted events and a runner that loaded them
+    inbox = inbox_of(store)
+    session = make_session()
+    await store.create(session)
+    first, second, third = an_event("a"), an_event("b"), an_event("c")
+    for event in (first, second, third):
+        await inbox.post_event(session.id, event)
+    lease = await lease_for(store, session.id)
+    running = await store.load(session.id)
+    assert running is not None
+    loaded_first = running.inbox[0]
+
+    # When it commits that a step took the second: the first, numbered below it,
+    # becomes part of the session itself (as engine.journal does)
+    await commit(
+        store,
+        lease,
+        running,
+        events_added=[loaded_first],
+        events_consumed=[second.id],
+        inbox_seq=2,
+    )
+
+    # Then the session holds the first once, the third is still posted past inbox_seq
+    loaded = await store.load(session.id)
+    assert loaded == running
+    assert (loaded.inbox_seq, numbered(loaded)) == (2, [(1, first.id), (3, third.id)])
+
+    # And the store forgot the absorbed ones, numbers included: the taken event's id
+    # posted again is a new event numbered after all, while the third is still known
+    assert await inbox.post_event(session.id, third) == 3
+    assert await inbox.post_event(session.id, second) == 4
+    loaded = await store.load(session.id)
+    assert numbered(loaded) == [(1, first.id), (3, third.id), (4, second.id)]
+
+
+async def test_numbers_are_never_reused_once_absorbed_events_are_dropped(
+    store: Store, make_store: MakeStore, store_url: str | None, make_session: MakeSession
+) -> None:
+    # Given two posted events that a step took, the second absorbing both
+    inbox = inbox_of(store)
+    session = make_session()
+    await store.create(session)
+    taken = [an_event("a"), an_event("b")]
+    for event in taken:
+        await inbox.post_event(session.id, event)
+    lease = await lease_for(store, session.id)
+    await commit(store, lease, session, events_consumed=[e.id for e in taken], inbox_seq=2)
+    await store.release(lease)
+
+    # When another event is posted, through a fresh view of the store
+    later = an_event("c")
+    number = await inbox_of(second_view(store, make_store, store_url)).post_event(session.id, later)
+
+    # Then it is number 3, and it is all the inbox holds
+    assert number == 3
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert (loaded.inbox_seq, numbered(loaded)) == (2, [(3, later.id)])
+
+
+async def test_save_keeps_the_events_posted_past_the_saved_inbox_seq(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given a copy loaded with one posted event, and a second posted after the load
+    inbox = inbox_of(store)
+    session = make_session(state={"v": 1})
+    await store.create(session)
+    first, second = an_event("a"), an_event("b")
+    await inbox.post_event(session.id, first)
+    copy = await store.load(session.id)
+    assert copy is not None
+    await inbox.post_event(session.id, second)
+
+    # When the copy is saved whole with a change
+    copy.state["v"] = 2
+    await store.save(copy)
+
+    # Then both events are in the inbox, each once
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert (loaded.state, numbered(loaded)) == ({"v": 2}, [(1, first.id), (2, second.id)])
+
+    # And a copy saved as having absorbed the first (an operator dropping it) keeps the second
+    loaded.inbox = [event for event in loaded.inbox if event.id != first.id]
+    loaded.inbox_seq = 1
+    await store.save(loaded)
+    assert numbered(await store.load(session.id)) == [(2, second.id)]
+
+
+async def test_delete_drops_the_posted_events(store: Store, make_session: MakeSession) -> None:
+    # Given a session with a posted event
+    inbox = inbox_of(store)
+    session = make_session()
+    await store.create(session)
+    await inbox.post_event(session.id, an_event("old"))
+
+    # When it is deleted
+    assert await store.delete(session.id)
+
+    # Then nothing can be posted to it, and a session created again under its id
+    # starts with an empty inbox and gets only what is posted to it
+    with pytest.raises(SessionNotFoundError):
+        await inbox.post_event(session.id, an_event())
+    await store.create(make_session(id=session.id))
+    assert numbered(await store.load(session.id)) == []
+    fresh = an_event("new")
+    number = await inbox.post_event(session.id, fresh)
+    assert numbered(await store.load(session.id)) == [(number, fresh.id)]
+
+
+async def test_posting_to_an_unknown_session_raises_and_stores_nothing(store: Store) -> None:
+    inbox = inbox_of(store)
+    unknown = str(uuid.uuid4())
+
+    with pytest.raises(SessionNotFoundError, match=unknown):
+        await inbox.post_event(unknown, an_event())
+
+    assert await store.load(unknown) is None
+    assert await store.list() == []
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS)
+async def test_post_event_rejects_an_invalid_id_before_touching_storage(
+    store: Store, tmp_path: Path, bad_id: object
+) -> None:
+    inbox = inbox_of(store)
+
+    with pytest.raises(InvalidSessionIdError):
+        await inbox.post_event(bad_id, an_event())  # type: ignore[arg-type]
+
+    assert tree(tmp_path) == []
+    assert await store.list() == []
+
+
+async def test_a_payload_that_is_not_json_is_refused_and_uses_no_number(
+    store: Store, make_session: MakeSession
+) -> None:
+    inbox = inbox_of(store)
+    session = make_session()
+    await store.create(session)
+
+    with pytest.raises(SerializationError):
+        await inbox.post_event(session.id, an_event(payload={"when": object()}))
+
+    assert numbered(await store.load(session.id)) == []
+    assert await inbox.post_event(session.id, an_event()) == 1
+
+
+async def test_posted_events_outlive_compaction_and_appear_once(
+    make_store: MakeStore, make_session: MakeSession
+) -> None:
+    # Given a store that folds steps into the snapshot as soon as it can
+    store = make_store(compact_bytes=1)
+    inbox = inbox_of(store)
+    session = make_session()
+    await store.create(session)
+    event = an_event()
+    await inbox.post_event(session.id, event)
+    lease = await lease_for(store, session.id)
+
+    # When steps bigger than the snapshot are committed
+    await commit(store, lease, session, step="big", output="x" * 10_000)
+    await commit(store, lease, session, step="bigger", output="y" * 20_000)
+
+    # Then the event is still posted, once, with its number
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert loaded.steps_done == ["big", "bigger"]
+    assert numbered(loaded) == [(1, event.id)]

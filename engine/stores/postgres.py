@@ -12,10 +12,21 @@ setting itself as owner, a lease expiry on the database's clock (``now()``, so
 the machines' clocks never matter) and a new epoch from a sequence. Every
 checkpoint is one statement fenced ``WHERE id = $1 AND owner = $2 AND epoch = $3``:
 a runner that lost its lease (paused, partitioned, presumed dead) commits nothing.
-Every write is a single statement, so no transaction is ever left open between
-round trips: a runner paused or killed mid-call holds no row lock, and no
-session-level advisory lock is taken (they break behind PgBouncer). The store
-creates and migrates its schema itself, recording the version in ``schema_version``.
+Every write a runner makes is a single statement, so no transaction is ever left
+open between round trips: a runner paused or killed mid-call holds no row lock,
+and no session-level advisory lock is taken (they break behind PgBouncer). The
+store creates and migrates its schema itself, recording the version in
+``schema_version``.
+
+Events are taken without the lease (``engine.events.EventInbox``): ``events``
+holds each posted event as a framed record numbered per session, and
+``inboxes`` the last number each session handed out. Posting is one short
+transaction: bump the session's counter (its row stays locked until commit, so
+posts to one session commit in number order and a reader never sees event n
+without the ones before it), then insert the event framed under that number. It
+never touches the ``sessions`` row, so it neither waits for nor delays a
+runner's fenced commit; a checkpoint that absorbs events up to n deletes them in
+its own statement.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from ..errors import (
     StorageError,
 )
 from ..log import get_logger
-from ..models import Checkpoint, Session, SessionInfo
+from ..models import Checkpoint, Event, Session, SessionInfo
 from .base import (
     DEFAULT_LEASE_TTL,
     Durability,
@@ -49,9 +60,9 @@ from .base import (
     check_fresh,
     validate_session_id,
 )
-from .sql import COMPACT_MIN_BYTES, rebuild_session, refuse_commit
+from .sql import COMPACT_MIN_BYTES, encode_event, rebuild_session, refuse_commit
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_SCHEMA = "stepvault"
 _log = get_logger()
 
@@ -85,6 +96,24 @@ _MIGRATIONS: dict[int, str] = {
     -- hands out an epoch that a lease from its earlier life still carries.
     CREATE SEQUENCE {s}.lease_epochs;
     """,
+    # Events posted without the lease. The counter has a table of its own so that
+    # posting never locks the sessions row a runner's commit updates; a session
+    # created by an older stepvault still running gets its row on its first post.
+    2: """
+    CREATE TABLE {s}.inboxes (
+        session_id uuid PRIMARY KEY REFERENCES {s}.sessions (id) ON DELETE CASCADE,
+        last_seq bigint NOT NULL
+    );
+    CREATE TABLE {s}.events (
+        session_id uuid NOT NULL REFERENCES {s}.inboxes (session_id) ON DELETE CASCADE,
+        seq bigint NOT NULL,
+        event_id text NOT NULL,
+        record bytea NOT NULL,
+        PRIMARY KEY (session_id, seq),
+        UNIQUE (session_id, event_id)
+    );
+    INSERT INTO {s}.inboxes (session_id, last_seq) SELECT id, 0 FROM {s}.sessions;
+    """,
 }
 
 _SQL = {
@@ -95,18 +124,26 @@ _SQL = {
     "migration_version": "SELECT coalesce(max(version), 0) FROM {s}.schema_version",
     "migration_done": "INSERT INTO {s}.schema_version VALUES ($1)",
     "create": """
-        INSERT INTO {s}.sessions (id, status, workflow, created_at, last_activity, expires_at,
-            steps_done, revision, snapshot, snapshot_revision, snapshot_bytes)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, length($9::bytea))
-        ON CONFLICT (id) DO NOTHING""",
-    # One statement, so the snapshot and the steps after it come from one snapshot.
+        WITH made AS (
+            INSERT INTO {s}.sessions (id, status, workflow, created_at, last_activity,
+                expires_at, steps_done, revision, snapshot, snapshot_revision, snapshot_bytes)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, length($9::bytea))
+            ON CONFLICT (id) DO NOTHING
+            RETURNING id
+        )
+        INSERT INTO {s}.inboxes (session_id, last_seq) SELECT id, $10 FROM made""",
+    # One statement, so the snapshot, the steps after it and the posted events
+    # come from one snapshot.
     "load": """
-        SELECT s.snapshot, s.snapshot_revision, st.revisions, st.records
+        SELECT s.snapshot, s.snapshot_revision, st.revisions, st.records, ev.seqs, ev.events
         FROM {s}.sessions AS s CROSS JOIN LATERAL (
             SELECT array_agg(revision ORDER BY revision) AS revisions,
                    array_agg(record ORDER BY revision) AS records
             FROM {s}.steps WHERE session_id = s.id AND revision > s.snapshot_revision
-        ) AS st
+        ) AS st CROSS JOIN LATERAL (
+            SELECT array_agg(seq ORDER BY seq) AS seqs, array_agg(record ORDER BY seq) AS events
+            FROM {s}.events WHERE session_id = s.id
+        ) AS ev
         WHERE s.id = $1""",
     # A lease that ran out is void once the session is replaced: the owner is cleared.
     "save": """
@@ -119,6 +156,8 @@ _SQL = {
             RETURNING id
         ), dropped AS (
             DELETE FROM {s}.steps WHERE session_id IN (SELECT id FROM saved)
+        ), absorbed AS (
+            DELETE FROM {s}.events WHERE session_id IN (SELECT id FROM saved) AND seq <= $9
         )
         SELECT count(*) FROM saved""",
     "why_not_saved": """
@@ -133,6 +172,9 @@ _SQL = {
             RETURNING id, snapshot_bytes, steps_bytes
         ), added AS (
             INSERT INTO {s}.steps (session_id, revision, record) SELECT id, $4, $9 FROM fenced
+        ), absorbed AS (
+            -- $10 (the checkpoint's inbox_seq) is NULL when it absorbs no event
+            DELETE FROM {s}.events WHERE session_id IN (SELECT id FROM fenced) AND seq <= $10
         )
         SELECT snapshot_bytes, steps_bytes FROM fenced""",
     "why_not_committed": "SELECT owner, epoch, revision FROM {s}.sessions WHERE id = $1",
@@ -144,7 +186,26 @@ _SQL = {
             RETURNING id
         )
         DELETE FROM {s}.steps WHERE session_id IN (SELECT id FROM folded) AND revision <= $3""",
-    "delete": "DELETE FROM {s}.sessions WHERE id = $1",
+    # Posting, in one transaction: bump the counter (its row stays locked until
+    # commit), then insert the event unless this id is posted already.
+    "inbox_bump": """
+        INSERT INTO {s}.inboxes AS inbox (session_id, last_seq)
+        SELECT id, 1 FROM {s}.sessions WHERE id = $1
+        ON CONFLICT (session_id) DO UPDATE SET last_seq = inbox.last_seq + 1
+        RETURNING last_seq""",
+    # Every earlier post to this session committed before the bump got its lock,
+    # so this statement's snapshot shows a duplicate if there is one.
+    "post": """
+        WITH added AS (
+            INSERT INTO {s}.events (session_id, seq, event_id, record)
+            VALUES ($1, $2, $3, $4)
+            ON CONFLICT (session_id, event_id) DO NOTHING
+            RETURNING seq
+        )
+        SELECT seq, true AS added FROM added
+        UNION ALL
+        SELECT seq, false FROM {s}.events WHERE session_id = $1 AND event_id = $3""",
+    "delete": "DELETE FROM {s}.sessions WHERE id = $1",  # steps, inbox, events cascade
     "list": """
         SELECT id::text AS id, status, workflow, created_at, last_activity, expires_at,
             steps_done
@@ -239,16 +300,22 @@ class PostgresStore:
             session.cursor,
             session.revision,
             snapshot,
+            session.inbox_seq,
         )
         if status != "INSERT 0 1":
             raise SessionExistsError(f"session {session.id} already exists")
 
     async def load(self, session_id: str) -> Session | None:
-        """Return the session rebuilt from its snapshot and later steps, or None."""
-        row = await self._call("fetchrow", "load", validate_session_id(session_id))
+        """Return the session rebuilt from its snapshot, later steps and posted events."""
+        return await self._load(validate_session_id(session_id), posted=True)
+
+    async def _load(self, session_id: str, *, posted: bool) -> Session | None:
+        """Rebuild the session; with ``posted``, its posted events join its inbox."""
+        row = await self._call("fetchrow", "load", session_id)
         if row is None:
             return None
         steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
+        events = list(zip(row["seqs"] or (), row["events"] or (), strict=True))
         # Decoding a large session takes a while: never on the event loop.
         return await asyncio.to_thread(
             rebuild_session,
@@ -257,6 +324,7 @@ class PostgresStore:
             row["snapshot"],
             row["snapshot_revision"],
             steps,
+            events if posted else [],
         )
 
     async def save(self, session: Session) -> None:
@@ -276,6 +344,7 @@ class PostgresStore:
             saved.cursor,
             revision,
             snapshot,
+            saved.inbox_seq,
         )
         if count != 1:
             row = await self._call("fetchrow", "why_not_saved", session.id)
@@ -302,6 +371,7 @@ class PostgresStore:
             checkpoint.expires_at,
             int(checkpoint.step is not None),
             record,
+            checkpoint.inbox_seq,
         )
         if row is None:
             found = await self._call("fetchrow", "why_not_committed", session_id)
@@ -312,7 +382,8 @@ class PostgresStore:
     async def _compact_quietly(self, session_id: str) -> None:
         """Fold the steps into the snapshot; a failure here loses nothing committed."""
         try:
-            session = await self.load(session_id)
+            # Posted events stay apart until a checkpoint absorbs them.
+            session = await self._load(session_id, posted=False)
             if session is not None:
                 what = f"session {session_id}"
                 snapshot = await asyncio.to_thread(
@@ -322,8 +393,34 @@ class PostgresStore:
         except EngineError as exc:
             _log.warning("compaction.failed", session_id=session_id, error=str(exc))
 
+    async def post_event(self, session_id: str, event: Event) -> int:
+        """Append ``event`` to the session's inbox without the lease; return its number.
+
+        Posting an ``event.id`` the inbox still holds returns its number again.
+
+        Raises:
+            SessionNotFoundError: no such session.
+            SerializationError: the payload is not JSON.
+        """
+        validate_session_id(session_id)
+        pool = await self._connect()
+        try:
+            with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
+                async with pool.acquire() as conn, conn.transaction():
+                    seq = await conn.fetchval(self._sql["inbox_bump"], session_id)
+                    if seq is None:
+                        raise SessionNotFoundError(f"session {session_id} not found")
+                    record = encode_event(session_id, seq, event)
+                    row = await conn.fetchrow(self._sql["post"], session_id, seq, event.id, record)
+                    if not row["added"]:
+                        raise _PostedBefore(row["seq"])
+        except _PostedBefore as before:
+            return before.seq  # its transaction rolled back: the number was not used
+        number: int = seq
+        return number
+
     async def delete(self, session_id: str) -> bool:
-        """Remove a session and its steps; return whether it existed."""
+        """Remove a session, its steps and its posted events; return whether it existed."""
         status = await self._call("execute", "delete", validate_session_id(session_id))
         self._held.pop(session_id, None)
         return bool(status == "DELETE 1")
@@ -446,6 +543,14 @@ class PostgresStore:
             yield
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+class _PostedBefore(Exception):  # noqa: N818  # control flow, never raised to callers
+    """An event with this id is in the inbox already: roll back, answer its number."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(seq)
+        self.seq = seq
 
 
 def _asyncpg() -> ModuleType:

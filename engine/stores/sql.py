@@ -5,6 +5,14 @@ plus the step records committed after it, each a framed, checksummed record; and
 both fence every commit by the lease's owner and epoch in the statement that
 writes it. These helpers turn what such a store reads back into a session, or
 into the error a refused commit deserves.
+
+Both also take events without the lease (``engine.events.EventInbox``): an
+``events`` table holds each posted event as a framed record numbered ``seq``
+(unique per session, as is its ``event_id``), and an ``inboxes`` table holds, per
+session, the last number handed out. Posting bumps that counter and inserts the
+event in one write transaction, so numbers are never reused, not even once the
+events are pruned, and a reader that sees event n also sees every event before
+it: a checkpoint absorbing up to n can never drop an n - 1 committed later.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from typing import NoReturn
 
 from .. import codec
 from ..errors import CorruptSessionError, LeaseLostError, SessionNotFoundError, StorageError
-from ..models import Checkpoint, Session
+from ..models import Checkpoint, Event, Session
 from .base import Lease
 
 COMPACT_MIN_BYTES = 1 << 20
@@ -27,8 +35,12 @@ def rebuild_session(
     snapshot: bytes,
     snapshot_revision: int,
     steps: Iterable[tuple[int, bytes]],
+    posted: Iterable[tuple[int, bytes]] = (),
 ) -> Session:
     """Decode a snapshot and apply the steps after it, in order: the stored session.
+
+    ``posted`` are the session's posted events as ``(seq, record)`` in ``seq``
+    order; those past the session's ``inbox_seq`` join its inbox.
 
     Raises:
         CorruptSessionError: a record fails its checksum, does not decode, or does
@@ -44,7 +56,25 @@ def rebuild_session(
                 f"{source}: step {revision} does not follow revision {session.revision}"
             )
         session.apply(checkpoint)
+    known = {event.id for event in session.inbox}
+    for seq, record in posted:
+        event = codec.decode_record(Event, record, f"{source} event {seq}")
+        if event.seq != seq:
+            raise CorruptSessionError(f"{source}: event {seq} is stored as number {event.seq}")
+        # An event a ``save`` wrote into the snapshot is still posted until absorbed.
+        if seq > session.inbox_seq and event.id not in known:
+            session.inbox.append(event)
     return session
+
+
+def encode_event(session_id: str, seq: int, event: Event) -> bytes:
+    """Encode ``event`` as record ``seq`` of the session's inbox, numbered inside.
+
+    Raises:
+        SerializationError: the payload is not JSON, or the record is too large.
+    """
+    numbered = event.model_copy(update={"seq": seq})
+    return codec.encode_model(seq, numbered, f"event {event.name!r} of session {session_id}")
 
 
 def refuse_commit(

@@ -12,6 +12,11 @@ SQLite rewrites a whole row when any column changes: kept in the session row, it
 would be copied by every checkpoint. Records are the same checksummed frames the
 file store writes (``codec.encode_model``).
 
+Events are taken without the lease (``engine.events.EventInbox``):
+``stepvault_events`` holds each posted event as a framed record numbered per
+session, and ``stepvault_inboxes`` the last number each session handed out. A
+checkpoint that absorbs events up to number n deletes them in its transaction.
+
 The database runs in WAL mode (readers never wait for the writer) with
 ``synchronous=FULL`` for durability ``"fsync"``; every write transaction is
 ``BEGIN IMMEDIATE`` under a busy timeout, so processes queue for the write lock
@@ -25,6 +30,8 @@ import asyncio
 import builtins
 import os
 import sqlite3
+import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +49,7 @@ from ..errors import (
     StorageError,
 )
 from ..log import get_logger
-from ..models import Checkpoint, Session, SessionInfo
+from ..models import Checkpoint, Event, Session, SessionInfo
 from .base import (
     DEFAULT_LEASE_TTL,
     Durability,
@@ -51,9 +58,9 @@ from .base import (
     check_fresh,
     validate_session_id,
 )
-from .sql import COMPACT_MIN_BYTES, rebuild_session, refuse_commit
+from .sql import COMPACT_MIN_BYTES, encode_event, rebuild_session, refuse_commit
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 60.0
 """Seconds a write waits for another process's transaction before giving up."""
 MIN_SQLITE = (3, 35, 0)
@@ -95,6 +102,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         # never hands out an epoch a lease of its earlier life still carries.
         "CREATE TABLE stepvault_epoch (value INTEGER NOT NULL)",
         "INSERT INTO stepvault_epoch VALUES (0)",
+    ),
+    # Events posted without the lease. A session without an inbox row (created
+    # before this version) gets one when its first event is posted.
+    2: (
+        """CREATE TABLE stepvault_inboxes (
+            session_id TEXT PRIMARY KEY,
+            last_seq INTEGER NOT NULL
+        )""",
+        """CREATE TABLE stepvault_events (
+            session_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            event_id TEXT NOT NULL,
+            record BLOB NOT NULL,
+            PRIMARY KEY (session_id, seq),
+            UNIQUE (session_id, event_id)
+        )""",
     ),
 }
 
@@ -139,7 +162,7 @@ class SQLiteStore:
         await self._run(self._create_sync, session, snapshot)
 
     async def load(self, session_id: str) -> Session | None:
-        """Return the session rebuilt from its snapshot and later steps, or None."""
+        """Return the session rebuilt from its snapshot, later steps and posted events."""
         return await self._run(self._load_sync, validate_session_id(session_id))
 
     async def save(self, session: Session) -> None:
@@ -157,8 +180,19 @@ class SQLiteStore:
         record = codec.encode_model(checkpoint.revision, checkpoint, what)
         await self._run(self._commit_sync, lease, checkpoint, record)
 
+    async def post_event(self, session_id: str, event: Event) -> int:
+        """Append ``event`` to the session's inbox without the lease; return its number.
+
+        Posting an ``event.id`` the inbox still holds returns its number again.
+
+        Raises:
+            SessionNotFoundError: no such session.
+            SerializationError: the payload is not JSON.
+        """
+        return await self._run(self._post_sync, validate_session_id(session_id), event)
+
     async def delete(self, session_id: str) -> bool:
-        """Remove a session and its steps; return whether it existed."""
+        """Remove a session, its steps and its posted events; return whether it existed."""
         return await self._run(self._delete_sync, validate_session_id(session_id))
 
     async def list(self) -> builtins.list[SessionInfo]:
@@ -222,9 +256,7 @@ class SQLiteStore:
                     f"this Python has {sqlite3.sqlite_version}"
                 )
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # Create the file 0600 ourselves (sqlite would use the umask), never via a symlink.
-            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-            os.close(os.open(self.path, flags, 0o600))
+            _create_file(self.path)
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
             try:
                 mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -276,12 +308,20 @@ class SQLiteStore:
                     ),
                 )
                 _put_snapshot(db, session.id, snapshot)
+                # A stepvault older than the inbox may have deleted an earlier session
+                # under this id and left its events behind: they are not this one's.
+                db.execute("DELETE FROM stepvault_events WHERE session_id = ?", (session.id,))
+                db.execute(
+                    "INSERT OR REPLACE INTO stepvault_inboxes (session_id, last_seq) VALUES (?, ?)",
+                    (session.id, session.inbox_seq),
+                )
         except sqlite3.IntegrityError:
             raise SessionExistsError(f"session {session.id} already exists") from None
 
-    def _load_sync(self, session_id: str) -> Session | None:
+    def _load_sync(self, session_id: str, *, posted: bool = True) -> Session | None:
+        """Rebuild the session; with ``posted``, its posted events join its inbox."""
         db = self._conn()
-        db.execute("BEGIN")  # one read snapshot for the row and its steps
+        db.execute("BEGIN")  # one read snapshot for the row, its steps and its events
         try:
             row = db.execute(
                 "SELECT record, snapshot_revision FROM stepvault_sessions"
@@ -295,10 +335,18 @@ class SQLiteStore:
                 " WHERE session_id = ? AND revision > ? ORDER BY revision",
                 (session_id, row[1]),
             ).fetchall()
+            events = (
+                db.execute(
+                    "SELECT seq, record FROM stepvault_events WHERE session_id = ? ORDER BY seq",
+                    (session_id,),
+                ).fetchall()
+                if posted
+                else []
+            )
         finally:
             db.execute("COMMIT")
         source = f"{self.path} session {session_id}"
-        return rebuild_session(source, session_id, row[0], row[1], steps)
+        return rebuild_session(source, session_id, row[0], row[1], steps, events)
 
     def _commit_sync(self, lease: Lease, checkpoint: Checkpoint, record: bytes) -> None:
         db = self._conn()
@@ -331,14 +379,46 @@ class SQLiteStore:
                 "INSERT INTO stepvault_steps (session_id, revision, record) VALUES (?, ?, ?)",
                 (lease.session_id, checkpoint.revision, record),
             )
+            if checkpoint.inbox_seq is not None:  # the session holds these events now
+                _forget_posted(db, lease.session_id, checkpoint.inbox_seq)
         snapshot_bytes, steps_bytes = row
         if steps_bytes > max(self.compact_bytes, snapshot_bytes):
             self._compact_quietly(lease.session_id)
 
+    def _post_sync(self, session_id: str, event: Event) -> int:
+        db = self._conn()
+        with _write(db):
+            known = db.execute(
+                "SELECT seq FROM stepvault_events WHERE session_id = ? AND event_id = ?",
+                (session_id, event.id),
+            ).fetchone()
+            if known is not None:
+                seq: int = known[0]
+                return seq
+            # The counter is bumped and the event inserted in one transaction: a
+            # number is never handed out twice, nor seen before the ones below it.
+            bumped = db.execute(
+                "INSERT INTO stepvault_inboxes (session_id, last_seq)"
+                " SELECT id, 1 FROM stepvault_sessions WHERE id = ?"
+                " ON CONFLICT (session_id) DO UPDATE SET last_seq = last_seq + 1"
+                " RETURNING last_seq",
+                (session_id,),
+            ).fetchone()
+            if bumped is None:
+                raise SessionNotFoundError(f"session {session_id} not found")
+            seq = bumped[0]
+            db.execute(
+                "INSERT INTO stepvault_events (session_id, seq, event_id, record)"
+                " VALUES (?, ?, ?, ?)",
+                (session_id, seq, event.id, encode_event(session_id, seq, event)),
+            )
+        return seq
+
     def _compact_quietly(self, session_id: str) -> None:
         """Fold the steps into the snapshot; a failure here loses nothing committed."""
         try:
-            session = self._load_sync(session_id)
+            # Posted events stay apart until a checkpoint absorbs them.
+            session = self._load_sync(session_id, posted=False)
             if session is None:
                 return
             snapshot = codec.encode_model(session.revision, session, f"session {session_id}")
@@ -392,12 +472,15 @@ class SQLiteStore:
             )
             db.execute("DELETE FROM stepvault_steps WHERE session_id = ?", (saved.id,))
             _put_snapshot(db, saved.id, snapshot)
+            _forget_posted(db, saved.id, saved.inbox_seq)
 
     def _delete_sync(self, session_id: str) -> bool:
         db = self._conn()
         with _write(db):
             db.execute("DELETE FROM stepvault_steps WHERE session_id = ?", (session_id,))
             db.execute("DELETE FROM stepvault_snapshots WHERE session_id = ?", (session_id,))
+            db.execute("DELETE FROM stepvault_events WHERE session_id = ?", (session_id,))
+            db.execute("DELETE FROM stepvault_inboxes WHERE session_id = ?", (session_id,))
             existed = db.execute(
                 "DELETE FROM stepvault_sessions WHERE id = ?", (session_id,)
             ).rowcount
@@ -461,6 +544,41 @@ class SQLiteStore:
 
 
 _INFO = ("id", "status", "workflow", "created_at", "last_activity", "expires_at", "steps_done")
+
+
+_CREATING = threading.Lock()
+"""Taken around creating a database file, so no connection of this process has it open."""
+
+
+def _create_file(path: Path) -> None:
+    """Create the database file 0600 (sqlite would use the umask), never via a symlink.
+
+    Only a file that does not exist yet is opened outside SQLite: closing any
+    descriptor of a file drops every POSIX lock this process holds on it, the locks
+    of this process's other SQLite connections to it included, and a connection
+    that silently lost its locks lets other processes checkpoint and remove the
+    write-ahead log under it (commits then vanish). See "How To Corrupt An SQLite
+    Database File", section 2.2.
+
+    Raises:
+        StorageError: ``path`` is a symbolic link or not a regular file.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    with _CREATING:
+        try:
+            os.close(os.open(path, flags, 0o600))
+            return
+        except FileExistsError:
+            pass
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise StorageError(f"{path}: not a regular file (a symbolic link?): refusing to open it")
+
+
+def _forget_posted(db: sqlite3.Connection, session_id: str, absorbed: int) -> None:
+    """Delete the posted events numbered ``absorbed`` or less: the session holds them."""
+    db.execute(
+        "DELETE FROM stepvault_events WHERE session_id = ? AND seq <= ?", (session_id, absorbed)
+    )
 
 
 def _put_snapshot(db: sqlite3.Connection, session_id: str, snapshot: bytes) -> None:
