@@ -129,7 +129,7 @@ async def measure(store: Store, kind: str, args: argparse.Namespace) -> dict[str
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://127.0.0.1", timeout=None
+            transport=transport, base_url="http://127.0.0.1", timeout=600
         ) as client:
             first = (await client.get("/api/sessions?per_page=1")).json()["sessions"][0]["id"]
             requests["one session page"] = f"/sessions/{first}"
@@ -177,7 +177,19 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 results.append(await measure(store, kind, args))
             finally:
                 await store.close()  # the app closed it already; closing twice is harmless
+                if isinstance(store, PostgresStore):
+                    await _drop_schema(args.pg, store.schema)
     return results
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415  # Postgres runs only
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
 
 
 if __name__ == "__main__":

@@ -320,13 +320,37 @@ def _run_to_end(view: StepProgress, store: str, coro: Coroutine[Any, Any, _T]) -
     stopped = view.unfinished()
     if not stopped:
         _warn(f"interrupted; resume with: {_resume_hint(store, None)}")
-    for session_id, done, total in stopped:
+    stored = _stored_progress(store, [session_id for session_id, _, _ in stopped])
+    for session_id, seen, total in stopped:
+        done = stored.get(session_id, seen)
         where = f"after step {done} of {total}" if done else f"before step 1 of {total}"
         _warn(
             f"interrupted: session {session_id} stopped {where}; "
             f"resume with: {_resume_hint(store, session_id)}"
         )
     raise typer.Exit(130)
+
+
+def _stored_progress(store_url: str, session_ids: list[str]) -> dict[str, int]:
+    """Read how many steps each session has committed: the store, not the progress
+    bar, knows (a checkpoint can land just before the interrupt reaches its hook)."""
+
+    async def read() -> dict[str, int]:
+        store = open_cli_store(store_url)
+        try:
+            found = {}
+            for session_id in session_ids:
+                session = await store.load(session_id)
+                if session is not None:
+                    found[session_id] = session.cursor
+            return found
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(read())
+    except (EngineError, KeyboardInterrupt):
+        return {}  # the progress bar's count is the best we have
 
 
 def _resume_hint(store: str, session_id: str | None) -> str:

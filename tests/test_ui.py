@@ -30,7 +30,7 @@ import pytest
 from typer.testing import CliRunner
 from ui_support import HOSTILE, Filled, fill, open_gate, pipeline, wait_for_status
 
-from engine import FileStore, Runner, SessionManager
+from engine import FileStore, Runner, SessionManager, StepContext, Workflow
 from engine.cli import app as cli_app
 from engine.crypto import generate_key
 from engine.ui import create_app
@@ -304,6 +304,38 @@ async def test_timeline_has_a_bar_per_attempt_coloured_by_outcome(
     assert re.search(r'class="bar retry"[^>]*data-step="charge"', svg)  # the backoff
     assert re.search(r'class="bar tool"[^>]*data-step="charge"', svg)  # fraud_check
     assert "charge \u00d72" in svg  # the lane says it took two attempts
+
+
+async def test_a_long_session_page_stays_bounded(tmp_path: Path) -> None:
+    # Given a finished session of 80 steps, each making 6 tool calls (560 history entries)
+    workflow = Workflow("long")
+    for index in range(80):
+
+        async def step(ctx: StepContext, value: int) -> int:
+            for call in range(6):
+                await ctx.tool(f"call{call}", abs, value)
+            return value
+
+        workflow.step(name=f"s{index:02d}")(step)
+    folder = tmp_path / "sessions"
+    async with Runner(FileStore(folder, durability="none"), workflows=[workflow]) as runner:
+        session_id = await runner.start(workflow, 1)
+        await runner.wait(session_id)
+
+    # When its page is drawn
+    async with serve(folder) as served:
+        page = (await served.get(f"/sessions/{session_id}")).text
+
+    # Then it draws the last 60 steps and the last 500 history entries, and says so
+    svg = page.split('<svg class="timeline"')[1].split("</svg>")[0]
+    assert svg.count('<g class="lane">') == 60
+    assert ">s20<" in svg
+    assert ">s19<" not in svg
+    assert "20 earlier step(s) not drawn" in page
+    history = page.split('<table class="history">')[1].split("</table>")[0]
+    assert history.count("<tr class=") == 500
+    assert '<td class="num">560</td>' in history  # the last of 80 x 7 entries, numbered as stored
+    assert f"/api/sessions/{session_id}</a> has them all" in page
 
 
 async def test_a_waiting_session_shows_what_it_waits_for(
@@ -639,6 +671,9 @@ async def test_send_an_event_then_resume_finishes_a_waiting_session(
     session = await load(filled, filled.waiting)
     assert session.outputs["decide"] == "approved"
     assert session.state == {"approved": True}
+    svg = (await guarded.get(f"/sessions/{filled.waiting}")).text.split("<svg")[1]
+    assert re.search(r'class="bar wait"[^>]*data-step="ask"><title>ask: waited for event', svg)
+    assert re.search(r'class="bar event"[^>]*data-step="ask"', svg)  # when it took the event
 
 
 async def test_cancel_and_remove_act_on_the_store(

@@ -57,6 +57,8 @@ NOTICES = {
     "signed-out": "Signed out.",
 }
 """The messages an action's redirect may ask a page to show (by key: nothing is reflected)."""
+HISTORY_ROWS = 500
+"""Tool-history rows a session page shows (the latest); the API has them all."""
 EXPIRY_CHOICES = [(300, "5 minutes"), (3600, "1 hour"), (86400, "1 day"), (604800, "1 week")]
 _STATUS_CODES: list[tuple[type[EngineError], int]] = [
     (AccessDeniedError, 403),
@@ -111,6 +113,7 @@ class Dashboard:
             "csrf": self.guard.csrf_token(),
             "notice": NOTICES.get(notice),
             "unfinished": UNFINISHED,
+            "history_rows": HISTORY_ROWS,
         }
         return self.templates.TemplateResponse(
             request, name, {**common, **context}, status_code=status_code

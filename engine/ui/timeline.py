@@ -34,6 +34,10 @@ MARK_HEIGHT = 5.0
 AXIS_HEIGHT = 26.0
 MIN_BAR = 2.0
 """Pixels: an attempt that took no time still shows."""
+MAX_LANES = 60
+"""Steps drawn at most; a longer workflow shows those around its latest activity."""
+LANES_AHEAD = 5
+"""Steps still to come drawn after the latest activity, when lanes are cut."""
 MIN_GAP = 3.0
 """Pixels: a pause shorter than this is not worth a segment."""
 MIN_WAIT = 0.5
@@ -82,6 +86,8 @@ class Timeline:
     ticks: list[tuple[float, str]]
     now_x: float | None
     span: float
+    hidden_before: int = 0
+    hidden_after: int = 0
 
     @property
     def plot_left(self) -> float:
@@ -95,14 +101,30 @@ class Timeline:
 
 
 def build(session: Session, now: datetime) -> Timeline:
-    """Lay out ``session``'s timeline as of ``now``."""
-    history = session.tool_history
-    names = _lane_names(session)
+    """Lay out ``session``'s timeline as of ``now``.
+
+    A workflow with more than ``MAX_LANES`` steps shows the lanes around its
+    latest activity; the timeline says how many it leaves out on each side.
+    """
+    by_step: dict[str, list[ToolResult]] = defaultdict(list)
+    for record in session.tool_history:
+        by_step[record.step or record.name].append(record)
+    every = _lane_names(session)
+    first, last = _window(every, by_step, session.cursor)
+    names = every[first:last]
+    history = [r for name in names for r in by_step.get(name, [])]
+    ready = session.created_at  # when the first lane's step could start
+    if first > 0:
+        ready = max(
+            (r.finished_at for r in by_step.get(every[first - 1], []) if r.ok), default=ready
+        )
     live = session.status in UNFINISHED
-    start = min([session.created_at, *(r.started_at for r in history)])
-    end = max([session.last_activity, *(r.finished_at for r in history)])
+    start = min([ready, *(r.started_at for r in history)])
+    end = max([ready, *(r.finished_at for r in history)])
     if live:
         end = max(end, now)
+    elif last == len(every):
+        end = max(end, session.last_activity)
     span = max((end - start).total_seconds(), 0.001)
     scale = PLOT_WIDTH / span
 
@@ -114,22 +136,17 @@ def build(session: Session, now: datetime) -> Timeline:
         for i, name in enumerate(names)
     ]
     lane_y = {lane.name: lane.y for lane in lanes}
-    by_step: dict[str, list[ToolResult]] = defaultdict(list)
-    for record in history:
-        by_step[record.step or record.name].append(record)
-
     bars: list[Bar] = []
-    ready = session.created_at  # when the first step could start
     for lane in lanes:
         records = by_step.get(lane.name, [])
         attempts = sorted((r for r in records if r.kind in ("step", "skip")), key=_start)
         top = lane.y + (LANE_HEIGHT - BAR_HEIGHT) / 2
         if attempts:
-            first = attempts[0].started_at
+            began = attempts[0].started_at
             events = [r.name for r in records if r.kind == "event"]
-            if events or (first - ready).total_seconds() >= MIN_WAIT:
+            if events or (began - ready).total_seconds() >= MIN_WAIT:
                 what = f"waited for event {', '.join(map(repr, events))}" if events else "waited"
-                bars += _gap(lane.name, ready, first, top, "wait", what, x_of)
+                bars += _gap(lane.name, ready, began, top, "wait", what, x_of)
         previous: ToolResult | None = None
         for record in attempts:
             if previous is not None and not previous.ok:
@@ -154,7 +171,20 @@ def build(session: Session, now: datetime) -> Timeline:
         ticks=_ticks(span, scale),
         now_x=x_of(now) if live else None,
         span=span,
+        hidden_before=first,
+        hidden_after=len(every) - last,
     )
+
+
+def _window(names: list[str], by_step: dict[str, list[ToolResult]], cursor: int) -> tuple[int, int]:
+    """Return the lanes to draw, ``names[first:last]``: at most ``MAX_LANES``, ending
+    a few steps after the latest activity."""
+    if len(names) <= MAX_LANES:
+        return 0, len(names)
+    active = [i for i, name in enumerate(names) if name in by_step]
+    latest = max([cursor, *active])
+    last = min(len(names), max(latest + 1 + LANES_AHEAD, MAX_LANES))
+    return last - MAX_LANES, last
 
 
 def _lane_names(session: Session) -> list[str]:
