@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from .errors import InvalidArgumentError
 
@@ -17,6 +17,11 @@ WaitKind = Literal["event", "sleep", "operator"]
 
 #: Statuses a runner may still drive forward.
 UNFINISHED: frozenset[str] = frozenset({"pending", "running", "waiting"})
+
+
+Timestamp = AwareDatetime
+"""Every stored time: a naive datetime (no time zone) is refused on load, not compared
+later with a raw TypeError."""
 
 
 def utcnow() -> datetime:
@@ -77,8 +82,8 @@ class ToolResult(BaseModel):
     input_digest: str | None = None
     output: Any = None
     error: str | None = None
-    started_at: datetime
-    finished_at: datetime
+    started_at: Timestamp
+    finished_at: Timestamp
     duration: float = Field(description="seconds")
 
     @property
@@ -95,7 +100,7 @@ class Event(BaseModel):
     id: str
     name: str
     payload: Any = None
-    sent_at: datetime
+    sent_at: Timestamp
     seq: int | None = Field(
         default=None, description="its number in a store inbox that takes events without a lease"
     )
@@ -109,7 +114,7 @@ class Wait(BaseModel):
     kind: WaitKind
     step: str
     event: str | None = None
-    until: datetime | None = None
+    until: Timestamp | None = None
     reason: str | None = None
 
 
@@ -128,7 +133,7 @@ class JournalEntry(BaseModel):
     done: bool = True
     output: Any = None
     error: str | None = None
-    until: datetime | None = None
+    until: Timestamp | None = None
     event_id: str | None = None
 
 
@@ -164,8 +169,8 @@ class Checkpoint(BaseModel):
 
     revision: int
     status: SessionStatus
-    last_activity: datetime
-    expires_at: datetime
+    last_activity: Timestamp
+    expires_at: Timestamp
     step: str | None = None
     output: Any = None
     state_set: dict[str, Any] = Field(default_factory=dict)
@@ -191,9 +196,9 @@ class Session(BaseModel):
     state: dict[str, Any] = Field(default_factory=dict)
     tool_history: list[ToolResult] = Field(default_factory=list)
     metadata: SessionMetadata = Field(default_factory=SessionMetadata)
-    created_at: datetime
-    last_activity: datetime
-    expires_at: datetime
+    created_at: Timestamp
+    last_activity: Timestamp
+    expires_at: Timestamp
     ttl: float = Field(gt=0, description="seconds")
     ttl_policy: TtlPolicy = "sliding"
     status: SessionStatus = "pending"
@@ -290,9 +295,9 @@ class SessionInfo(BaseModel):
     id: str
     status: SessionStatus | None = None
     workflow: str | None = None
-    expires_at: datetime | None = None
-    created_at: datetime | None = None
-    last_activity: datetime | None = None
+    expires_at: Timestamp | None = None
+    created_at: Timestamp | None = None
+    last_activity: Timestamp | None = None
     steps_done: int = 0
     problem: str | None = None
 
@@ -333,4 +338,4 @@ class SessionMetrics(BaseModel):
     tool_usage_stats: dict[str, int]
     status_counts: dict[str, int]
     unreadable_sessions: int = 0
-    collected_at: datetime
+    collected_at: Timestamp
