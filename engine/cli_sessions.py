@@ -22,6 +22,7 @@ from rich.text import Text
 
 from .cli_support import DEFAULT_STORE, JsonOption, StoreOption, dump_json, open_cli_store
 from .errors import EngineError, SessionBusyError, SessionNotFoundError
+from .humanize import ago, short
 from .models import Session, SessionInfo, SessionStatus, ToolResult, utcnow
 from .sessions import SessionManager
 from .stores import FileStore, Store, validate_session_id
@@ -137,7 +138,7 @@ def ls(
             info.workflow or "",
             Text(label, style=_STATUS_STYLES.get(label, "")),
             str(info.steps_done),
-            _relative(info.last_activity, now),
+            ago(info.last_activity, now),
             _expiry(info.expires_at, now) if not info.problem else Text(info.problem, "red"),
         ]
         if with_tags:
@@ -201,7 +202,7 @@ def show(
     summary.add_row("status", Text(session.status, style=_STATUS_STYLES.get(session.status, "")))
     summary.add_row("steps done", ", ".join(session.steps_done) or "none")
     summary.add_row("created", f"{session.created_at:%Y-%m-%d %H:%M:%S} UTC")
-    summary.add_row("last activity", _relative(session.last_activity, now))
+    summary.add_row("last activity", ago(session.last_activity, now))
     summary.add_row("expires", _expiry(session.expires_at, now))
     summary.add_row("ttl", f"{_duration(session.ttl)} ({session.ttl_policy})")
     if session.error:
@@ -387,29 +388,10 @@ def _duration(seconds: float) -> str:
     return " ".join(f"{value}{unit}" for value, unit in parts if value)
 
 
-def _short(seconds: float) -> str:
-    """Say roughly how long: ``40s``, ``12m``, ``3h 5m``, ``2d 4h``."""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m"
-    if whole < 86400:
-        return f"{whole // 3600}h {whole % 3600 // 60}m"
-    return f"{whole // 86400}d {whole % 86400 // 3600}h"
-
-
-def _relative(moment: datetime | None, now: datetime) -> str:
-    if moment is None:
-        return "?"
-    seconds = (now - moment).total_seconds()
-    return "just now" if seconds < 1 else f"{_short(seconds)} ago"
-
-
 def _expiry(expires_at: datetime | None, now: datetime) -> Text:
     if expires_at is None:
         return Text("?")
     seconds = (expires_at - now).total_seconds()
     if seconds <= 0:
-        return Text(f"expired {_short(-seconds)} ago", style="red")
-    return Text(_short(seconds))
+        return Text(f"expired {short(-seconds)} ago", style="red")
+    return Text(short(seconds))

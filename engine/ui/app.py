@@ -27,6 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from .. import humanize
 from ..errors import (
     EngineError,
     InvalidArgumentError,
@@ -92,7 +93,7 @@ class Dashboard:
         )
         env.filters.update(
             duration=fmt.duration,
-            ago=fmt.ago,
+            ago=humanize.ago,
             expires_in=fmt.expires_in,
             stamp=fmt.stamp,
             clock=fmt.clock,

@@ -8,6 +8,8 @@ from typing import Any
 
 import pydantic_core
 
+from ..humanize import short
+
 
 def duration(seconds: float) -> str:
     """Write a duration to the precision a person wants: ``4.2 ms``, ``3.10 s``, ``2h 5m``."""
@@ -16,26 +18,6 @@ def duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.2f} s"
     return short(seconds)
-
-
-def short(seconds: float) -> str:
-    """Say roughly how long: ``40s``, ``12m``, ``3h 5m``, ``2d 4h``."""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m"
-    if whole < 86400:
-        return f"{whole // 3600}h {whole % 3600 // 60}m"
-    return f"{whole // 86400}d {whole % 86400 // 3600}h"
-
-
-def ago(moment: datetime | None, now: datetime) -> str:
-    """Say how long ago ``moment`` was (``?`` when unknown)."""
-    if moment is None:
-        return "?"
-    seconds = (now - moment).total_seconds()
-    return "just now" if seconds < 1 else f"{short(seconds)} ago"
 
 
 def expires_in(expires_at: datetime | None, now: datetime) -> str:

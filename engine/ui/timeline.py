@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeAlias
 
+from .. import humanize
 from ..models import UNFINISHED, Session, ToolResult
 from . import format as fmt
 
@@ -305,4 +306,4 @@ def _offset(seconds: float) -> str:
         return f"{seconds * 1000:g} ms"
     if seconds < 60:
         return f"{seconds:g} s"
-    return fmt.short(seconds)
+    return humanize.short(seconds)
