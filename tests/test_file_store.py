@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import stat
@@ -748,3 +749,25 @@ async def test_a_corrupt_expired_session_is_reported_and_never_cleaned_up(
     assert metrics.unreadable_sessions == 1
     assert metrics.total_sessions == 1
     await manager.close()
+
+
+async def test_an_acquire_cancelled_mid_call_leaves_the_session_free(
+    file_store: FileStore, make_session: Callable[..., Session]
+) -> None:
+    # Given a stored session
+    session = make_session()
+    await file_store.create(session)
+
+    # When acquires are cancelled at once, many times (the worker thread may take the
+    # lock before the cancellation lands)
+    for _ in range(50):
+        attempt = asyncio.ensure_future(file_store.acquire(session.id, "gone"))
+        await asyncio.sleep(0)
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await attempt
+
+    # Then no lock was left behind: the session can be taken
+    lease = await file_store.acquire(session.id, "next")
+    assert lease is not None
+    await file_store.release(lease)

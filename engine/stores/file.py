@@ -186,7 +186,16 @@ class FileStore:
         dies, so a crashed holder is taken over at once.
         """
         validate_session_id(session_id)
-        return await self._run(self._acquire_sync, Lease(session_id, owner, next(self._tokens)))
+        wanted = Lease(session_id, owner, next(self._tokens))
+        try:
+            return await self._run(self._acquire_sync, wanted)
+        except asyncio.CancelledError:
+            # The thread may have taken the lock before the caller gave up on it: a lease
+            # nobody will ever release would strand the session until this store closes.
+            held = self._locks.get(session_id)
+            if held is not None and held[1].token == wanted.token:
+                self._unlock(session_id)
+            raise
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> None:
         """Confirm the lock is still held here (it cannot expire while we live)."""
