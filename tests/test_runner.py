@@ -12,10 +12,9 @@ import asyncio
 import math
 import socket
 import threading
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,12 @@ from typing import Any
 import pytest
 import structlog
 from pydantic import BaseModel
+from workflow_support import QUICK_RETRY, Stores
+from workflow_support import eventually as _eventually
 
 from engine import (
     FileStore,
     InvalidSessionIdError,
-    MemoryStore,
     Runner,
     SerializationError,
     Session,
@@ -43,31 +43,6 @@ from engine import (
     Workflow,
     WorkflowMismatchError,
 )
-
-QUICK_RETRY: dict[str, Any] = {"backoff": 0.001, "max_backoff": 0.005}
-"""Step options keeping retry waits tiny (tenacity's jitter alone can add a second)."""
-
-
-class Stores:
-    """Open stores over one set of sessions, as successive processes would see it."""
-
-    def __init__(self, kind: str, path: Path) -> None:
-        self.kind = kind
-        self.path = path
-        self._memory = MemoryStore()
-        self._opened: list[Store] = []
-
-    def open(self) -> Store:
-        """Return a store over the same sessions: the MemoryStore again, or a new FileStore."""
-        store: Store = (
-            self._memory if self.kind == "memory" else FileStore(self.path, durability="none")
-        )
-        self._opened.append(store)
-        return store
-
-    async def close(self) -> None:
-        for store in self._opened:
-            await store.close()
 
 
 @pytest.fixture(params=["memory", "file"])
@@ -88,14 +63,6 @@ async def _load(store: Store, session_id: str) -> Session:
     session = await store.load(session_id)
     assert session is not None, f"session {session_id} is not stored"
     return session
-
-
-async def _eventually(predicate: Callable[[], bool], *, within: float = 10.0) -> None:
-    """Poll ``predicate`` on the event loop until it holds, or fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.001)
 
 
 class Gate:
