@@ -22,7 +22,6 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar, runtime_checkable
 
-import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from .crypto import SessionKeys, sealed_key_id
@@ -63,18 +62,18 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 def dump_json(model: BaseModel, what: str) -> bytes:
-    """Encode ``model`` as JSON, or say clearly what cannot be stored.
+    """Encode ``model`` as compact JSON, or say clearly what cannot be stored.
 
-    NaN and the infinities are written as ``NaN`` / ``Infinity`` (the extension
-    Python's ``json`` writes and pydantic reads back): ``model_dump_json`` would
-    silently turn them into ``null``, and a resumed step would get None.
+    Fields equal to their default are left out (decoding puts them back): most of a
+    checkpoint is defaults, and every byte saved is a byte not synced. NaN and the
+    infinities stay ``NaN`` / ``Infinity`` (``models.StoredModel``), never ``null``.
 
     Raises:
         SerializationError: a value is not JSON (arbitrary objects, undecodable
             bytes, a lone surrogate...).
     """
     try:
-        return pydantic_core.to_json(model.model_dump(), inf_nan_mode="constants")
+        return model.__pydantic_serializer__.to_json(model, exclude_defaults=True)
     except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
         raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
 

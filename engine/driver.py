@@ -291,7 +291,7 @@ class Driver:
                 index,
                 value,
                 outputs,
-                emit=self._emit,
+                emit=self._emit if self.hooks else None,
                 inline_wait=self.inline_wait,
             )
             outputs[steps[index].name] = value

@@ -39,7 +39,9 @@ def get_logger(**initial: Any) -> structlog.stdlib.BoundLogger:
         wrapper_class=structlog.stdlib.BoundLogger,
         processors=_PROCESSORS,
     )
-    return logger.bind(**initial) if initial else logger
+    # bind() turns structlog's lazy proxy into a plain BoundLogger once, here: a
+    # proxy would build a new logger on every bind, and the engine binds per attempt.
+    return logger.bind(**initial)
 
 
 def configure_logging(*, json: bool = False, level: int | str = "INFO") -> None:

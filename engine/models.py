@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from .errors import InvalidArgumentError
 
@@ -52,7 +52,18 @@ def to_seconds(value: float | timedelta) -> float:
     return seconds
 
 
-class SessionContext(BaseModel):
+class StoredModel(BaseModel):
+    """The base of every model the engine stores or shows.
+
+    NaN and the infinities are written as the JSON constants ``NaN`` / ``Infinity``
+    (which Python's ``json`` writes and pydantic reads back), never as ``null``: a
+    resumed step must get back the float its predecessor returned.
+    """
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+
+class SessionContext(StoredModel):
     """Who a session runs for: the spec's execution context, open to extra keys."""
 
     model_config = ConfigDict(extra="allow")
@@ -62,7 +73,7 @@ class SessionContext(BaseModel):
     permissions: list[str] = Field(default_factory=list)
 
 
-class SessionMetadata(BaseModel):
+class SessionMetadata(StoredModel):
     """Descriptive data about a session, open to extra keys."""
 
     model_config = ConfigDict(extra="allow")
@@ -72,7 +83,7 @@ class SessionMetadata(BaseModel):
     tags: list[str] = Field(default_factory=list)
 
 
-class ToolResult(BaseModel):
+class ToolResult(StoredModel):
     """One executed step attempt, or one tool call recorded inside a step."""
 
     name: str
@@ -86,13 +97,19 @@ class ToolResult(BaseModel):
     finished_at: Timestamp
     duration: float = Field(description="seconds")
 
+    @field_validator("duration")
+    @classmethod
+    def _microseconds(cls, seconds: float) -> float:
+        """Keep durations to the microsecond: the clock says no more, and it saves bytes."""
+        return round(seconds, 6)
+
     @property
     def ok(self) -> bool:
         """Tell whether the attempt or call succeeded."""
         return self.error is None
 
 
-class Event(BaseModel):
+class Event(StoredModel):
     """An event sent to a session: kept in its inbox until a step waiting for it takes it."""
 
     model_config = ConfigDict(frozen=True)
@@ -106,7 +123,7 @@ class Event(BaseModel):
     )
 
 
-class Wait(BaseModel):
+class Wait(StoredModel):
     """What a ``waiting`` session waits for, and until when."""
 
     model_config = ConfigDict(frozen=True)
@@ -118,7 +135,7 @@ class Wait(BaseModel):
     reason: str | None = None
 
 
-class JournalEntry(BaseModel):
+class JournalEntry(StoredModel):
     """One durable fact of the step in flight, replayed when that step runs again.
 
     A finished tool call (its output), an event taken (its payload) or a wait for
@@ -137,7 +154,7 @@ class JournalEntry(BaseModel):
     event_id: str | None = None
 
 
-class StateUndo(BaseModel):
+class StateUndo(StoredModel):
     """How to take back one step's state changes: put these values back, drop these keys."""
 
     model_config = ConfigDict(frozen=True)
@@ -146,7 +163,7 @@ class StateUndo(BaseModel):
     remove: list[str] = Field(default_factory=list)
 
 
-class WorkflowStamp(BaseModel):
+class WorkflowStamp(StoredModel):
     """Which version and shape of its workflow a session was last run with."""
 
     model_config = ConfigDict(frozen=True)
@@ -156,7 +173,7 @@ class WorkflowStamp(BaseModel):
     shape: list[tuple[str, str]]
 
 
-class Checkpoint(BaseModel):
+class Checkpoint(StoredModel):
     """What one commit changes in a session: applied all at once or not at all.
 
     A finished step sets ``step`` (its completion marker) and ``output``; a failed
@@ -188,7 +205,7 @@ class Checkpoint(BaseModel):
     stamp: WorkflowStamp | None = None
 
 
-class Session(BaseModel):
+class Session(StoredModel):
     """A UUID-identified unit of work with state, history, metadata and a TTL."""
 
     id: str
@@ -285,7 +302,7 @@ class Session(BaseModel):
         self.revision = checkpoint.revision
 
 
-class SessionInfo(BaseModel):
+class SessionInfo(StoredModel):
     """A session's listing row: enough to find, expire and resume it.
 
     ``problem`` is set, and the other fields may be unknown, when the session could
@@ -319,7 +336,7 @@ class SessionInfo(BaseModel):
         return self.expires_at is not None and self.expires_at <= now
 
 
-class CleanupResult(BaseModel):
+class CleanupResult(StoredModel):
     """What one cleanup sweep did."""
 
     cleaned_sessions: int
@@ -329,7 +346,7 @@ class CleanupResult(BaseModel):
     )
 
 
-class SessionMetrics(BaseModel):
+class SessionMetrics(StoredModel):
     """The spec's analytics over every stored session."""
 
     total_sessions: int

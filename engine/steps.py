@@ -73,7 +73,7 @@ async def run_step(
     value: Any,
     outputs: Mapping[str, Any],
     *,
-    emit: Emit,
+    emit: Emit | None,
     inline_wait: float,
 ) -> Any:
     """Run step ``index`` of ``workflow`` to its committed output.
@@ -108,7 +108,7 @@ class _StepRun:
         index: int,
         value: Any,
         outputs: Mapping[str, Any],
-        emit: Emit,
+        emit: Emit | None,
         inline_wait: float,
     ) -> None:
         self.writer = writer
@@ -124,16 +124,21 @@ class _StepRun:
         self.input_digest = digest(value, f"the input of step {self.step.name!r}")
         self.last_error: BaseException | None = None
 
-    def event(self, kind: EventKind, **fields: Any) -> StepEvent:
-        return StepEvent(
-            kind=kind,
-            session_id=self.session.id,
-            workflow=self.workflow.name,
-            step=self.step.name,
-            index=self.index,
-            total=len(self.workflow.steps),
-            attempt=self.attempt,
-            **fields,
+    def tell(self, kind: EventKind, **fields: Any) -> None:
+        """Tell the hooks, if there are any (most runs have none: build nothing)."""
+        if self.emit is None:
+            return
+        self.emit(
+            StepEvent(
+                kind=kind,
+                session_id=self.session.id,
+                workflow=self.workflow.name,
+                step=self.step.name,
+                index=self.index,
+                total=len(self.workflow.steps),
+                attempt=self.attempt,
+                **fields,
+            )
         )
 
     async def attempts(self) -> _Success:
@@ -167,7 +172,7 @@ class _StepRun:
 
         def before_sleep(state: _t.RetryCallState) -> None:
             delay = state.next_action.sleep if state.next_action else 0.0
-            self.emit(self.event("retrying", delay=delay))
+            self.tell("retrying", delay=delay)
 
         return _t.AsyncRetrying(
             stop=_t.stop_after_attempt(attempts),
@@ -186,7 +191,7 @@ class _StepRun:
         self.attempt += 1
         started_at, started = utcnow(), time.perf_counter()
         writer.in_flight = InFlight(step.name, self.attempt, self.input_digest, started_at, started)
-        self.emit(self.event("started"))
+        self.tell("started")
         log = _log.bind(
             session_id=session.id, workflow=self.workflow.name, step=step.name, attempt=self.attempt
         )
@@ -222,7 +227,7 @@ class _StepRun:
             except EngineError as store_error:
                 raise _CommitFailedError(store_error) from store_error
             log.warning("step.failed", error=error, duration_ms=_ms(duration))
-            self.emit(self.event("failed", duration=duration, error=error))
+            self.tell("failed", duration=duration, error=error)
             raise
         writer.in_flight = None
         return _Success(ctx, output, started_at, time.perf_counter() - started)
@@ -254,7 +259,7 @@ class _StepRun:
             attempt=self.attempt,
             duration_ms=_ms(done.duration),
         )
-        self.emit(self.event("committed", duration=done.duration))
+        self.tell("committed", duration=done.duration)
         return done.output
 
     async def give_up(self, exc: Exception) -> NoReturn:

@@ -7,7 +7,6 @@ import inspect
 import json
 import os
 import sys
-import threading
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -93,7 +92,7 @@ class StepContext:
         recorder: StepRecorder | None = None,
     ) -> None:
         self._recorder = recorder
-        self._stopped = threading.Event()
+        self._stopped = False
         self.session_id = session_id
         self.workflow = workflow
         self.step = step
@@ -116,11 +115,11 @@ class StepContext:
         An async step is stopped by ``asyncio`` cancellation; a sync step runs in a
         thread Python cannot stop, so a long one should check this and return early.
         """
-        return self._stopped.is_set()
+        return self._stopped
 
     def mark_cancelled(self) -> None:
         """Set ``cancelled``; the runner calls it when it stops or times out the attempt."""
-        self._stopped.set()
+        self._stopped = True  # one store: atomic, and read by the step's own thread
 
     def _journal(self) -> StepRecorder:
         if self._recorder is None:
@@ -277,6 +276,7 @@ class Workflow:
         self.version = str(version)
         self.on_failure: FailurePolicy = on_failure
         self._steps: tuple[Step, ...] = ()
+        self._positions: dict[str, int] = {}
         self._migrations: dict[str, Migration] = {}
 
     def __repr__(self) -> str:
@@ -368,9 +368,9 @@ class Workflow:
 
     def index(self, step_name: str) -> int:
         """Return the position of a step by name."""
-        for position, step in enumerate(self._steps):
-            if step.name == step_name:
-                return position
+        position = self._positions.get(step_name)
+        if position is not None:
+            return position
         raise WorkflowDefinitionError(f"workflow {self.name!r} has no step {step_name!r}")
 
     @overload
@@ -460,8 +460,9 @@ class Workflow:
             raise WorkflowDefinitionError(
                 f"step {step.name!r} must accept two positional arguments (ctx, value)"
             ) from None
-        if step.name in self.step_names:
+        if step.name in self._positions:
             raise WorkflowDefinitionError(
                 f"workflow {self.name!r} already has a step named {step.name!r}"
             )
+        self._positions[step.name] = len(self._steps)
         self._steps = (*self._steps, step)
