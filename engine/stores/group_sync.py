@@ -1,0 +1,152 @@
+"""Group commit: one filesystem sync makes many sessions' writes durable at once.
+
+Each session has its own journal, so their checkpoints cannot share one
+``fdatasync``. ``syncfs`` (Linux) writes back every dirty file of one filesystem
+and flushes the disk's cache once, whatever the number of files: the store writes
+a checkpoint without syncing it, then waits here for a sync that *started after*
+the write. While one sync runs, the writes that arrive meanwhile gather, and the
+next sync covers them all (PostgreSQL's and InnoDB's group commit, on a whole
+filesystem). A lone writer waits for one sync, as with ``fdatasync``; a thousand
+concurrent writers share a handful.
+
+The cost of the filesystem-wide sync is that it also writes back other programs'
+dirty data on the same filesystem; docs/stores.md says when to prefer ``fsync``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import InvalidArgumentError, StorageError
+
+_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Return libc's ``syncfs``, or None where the platform has none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    syncfs = getattr(libc, "syncfs", None)
+    if syncfs is None:
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return syncfs  # type: ignore[no-any-return]
+
+
+_SYNCFS = _load_syncfs()
+
+
+def syncfs(fd: int) -> None:
+    """Write back and flush the whole filesystem holding ``fd``; raise OSError on failure.
+
+    Linux reports a write-back error of any file on that filesystem (since 5.8)
+    once per open file description: ``fd`` must stay open between calls.
+    """
+    if _SYNCFS is None:
+        raise OSError("syncfs is not available on this platform")
+    if _SYNCFS(fd) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def check_available() -> None:
+    """Refuse group commit where there is no ``syncfs`` to build it on."""
+    if _SYNCFS is None:
+        raise InvalidArgumentError(
+            'durability="batch" needs Linux (syncfs); use durability="fsync" here'
+        )
+
+
+class GroupSync:
+    """Make writes under ``path`` durable in groups: one ``syncfs`` per group.
+
+    ``await wait()`` after a write returns once a sync that began after the call
+    has succeeded; it raises ``StorageError`` if that sync failed (the caller must
+    then treat its write as never made). One daemon thread does the syncing, so the
+    event loop never blocks on the disk.
+    """
+
+    def __init__(self, path: Path) -> None:
+        check_available()
+        self.path = path
+        self._fd: int | None = None
+        self._waiting: list[_Waiter] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.syncs = 0
+        """How many syncs ran: with N concurrent writers, far fewer than N writes."""
+
+    async def wait(self) -> None:
+        """Return once everything written before this call is on disk."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._wake:
+            if self._closed:
+                raise StorageError(f"file store {self.path}: closed while committing")
+            self._waiting.append((loop, future))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="stepvault-group-sync", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+        await future
+
+    def close(self) -> None:
+        """Stop the sync thread once the writes already waiting are synced."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closed:
+                    self._wake.wait()
+                batch, self._waiting = self._waiting, []
+                if not batch:
+                    return  # closed, and nobody waits
+            error = self._sync()
+            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+            for loop, future in batch:
+                by_loop.setdefault(loop, []).append(future)
+            for loop, futures in by_loop.items():  # one wake-up per loop, not per write
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, futures, error)
+
+    def _sync(self) -> StorageError | None:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            syncfs(self._fd)
+        except OSError as exc:
+            return StorageError(f"file store {self.path}: group sync failed: {exc}")
+        self.syncs += 1
+        return None
+
+
+def _settle(futures: list[asyncio.Future[None]], error: StorageError | None) -> None:
+    for future in futures:
+        if future.done():  # the waiter was cancelled; its write is the caller's to undo
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
