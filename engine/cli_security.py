@@ -28,7 +28,7 @@ from .errors import (
     SessionNotFoundError,
     StorageError,
 )
-from .stores import FileStore, Store
+from .stores import Store
 
 _T = TypeVar("_T")
 _STYLES = {"ok": "green", "torn tail": "yellow", "rekeyed": "green", "current": "green"}
@@ -38,21 +38,6 @@ def register(app: typer.Typer) -> None:
     """Add ``verify`` and ``rekey`` to the ``stepvault`` command."""
     app.command()(verify)
     app.command()(rekey)
-
-
-def open_security_store(url: str) -> Store:
-    """Open the store at ``url`` with every key the environment gives, old keys included."""
-    store = open_cli_store(url)
-    ring = KeyRing.from_env()
-    if ring is not None and isinstance(store, FileStore):
-        # open_cli_store passes the active key alone; reading and rekeying need the ring.
-        return FileStore(
-            store.path,
-            encryption_key=ring,
-            durability=store.durability,
-            keys_path=store.keys_path,
-        )
-    return store
 
 
 # -- verify ----------------------------------------------------------------------------
@@ -106,7 +91,7 @@ def verify(
 
 
 async def _verify(url: str, *, quarantine: bool) -> list[_Verified]:
-    store = open_security_store(url)
+    store = open_cli_store(url)  # the whole key ring: old keys read
     try:
         results = []
         for row in await store.list():
@@ -197,7 +182,7 @@ def rekey(store: StoreOption = DEFAULT_STORE, json_output: JsonOption = False) -
 
 
 async def _rekey(url: str) -> list[tuple[str, str, str]]:
-    store = open_security_store(url)
+    store = open_cli_store(url)  # the whole key ring: old keys read
     try:
         if not isinstance(store, Rekeying):
             raise EngineError(f"{type(store).__name__} cannot rekey sessions")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import sys
 import uuid
@@ -34,6 +33,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from .crypto import KeyRing
 from .errors import EngineError, SessionExpiredError, SessionNotFoundError
 from .models import Session
 from .runner import StepEvent
@@ -57,8 +57,12 @@ JsonOption = Annotated[
 
 
 def open_cli_store(url: str) -> Store:
-    """Open the store a command names, with the key from ``SESSION_ENCRYPTION_KEY``."""
-    return open_store(url, encryption_key=os.environ.get("SESSION_ENCRYPTION_KEY") or None)
+    """Open the store a command names, with the keys the environment gives.
+
+    ``SESSION_ENCRYPTION_KEY`` is the active key and ``SESSION_ENCRYPTION_OLD_KEYS``
+    the keys that only read (``crypto.KeyRing.from_env``), for every kind of store.
+    """
+    return open_store(url, encryption_key=KeyRing.from_env())
 
 
 class WorkflowFileError(EngineError):

@@ -239,12 +239,12 @@ async def test_events_from_several_processes_all_arrive_once_in_each_senders_ord
 
 
 async def _downgrade_to_version_1(kind: str, store_url: str) -> None:
-    """Undo migration 2 (it only added tables): the database a stepvault before it left."""
+    """Undo migrations 2 and up (they only added tables): what a stepvault before them left."""
     if kind == "sqlite":
         with closing(sqlite3.connect(store_url.removeprefix("sqlite:///"))) as db, db:
-            db.execute("DROP TABLE stepvault_events")
-            db.execute("DROP TABLE stepvault_inboxes")
-            db.execute("DELETE FROM stepvault_schema WHERE version = 2")
+            for table in ("events", "inboxes", "session_keys", "quarantine"):
+                db.execute(f"DROP TABLE stepvault_{table}")
+            db.execute("DELETE FROM stepvault_schema WHERE version >= 2")
         return
     import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415  # Postgres tests only
 
@@ -252,8 +252,8 @@ async def _downgrade_to_version_1(kind: str, store_url: str) -> None:
     conn = await asyncpg.connect(server, timeout=5)
     try:
         await conn.execute(f"SET search_path TO {schema}")
-        await conn.execute("DROP TABLE events, inboxes")
-        await conn.execute("DELETE FROM schema_version WHERE version = 2")
+        await conn.execute("DROP TABLE events, inboxes, session_keys, quarantine")
+        await conn.execute("DELETE FROM schema_version WHERE version >= 2")
     finally:
         await conn.close()
 

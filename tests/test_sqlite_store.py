@@ -105,12 +105,6 @@ def test_a_sqlite_url_without_a_file_is_refused(url: str) -> None:
         open_store(url)
 
 
-@pytest.mark.parametrize("url", ["sqlite:///sessions.db", "postgresql://h/db"])
-def test_a_sql_store_refuses_a_key_rather_than_store_in_clear(url: str) -> None:
-    with pytest.raises(EngineError, match="encryption at rest is not available"):
-        open_store(url, encryption_key="correct horse battery staple")
-
-
 def test_an_unknown_durability_is_refused(database: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="durability"):
         SQLiteStore(database, durability="sometimes")  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..crypto import KeyInput
 from ..errors import EngineError
 from .base import Lease, Store, validate_session_id
 from .file import FileStore
@@ -23,27 +24,28 @@ __all__ = [
 STORE_URLS = "a folder, file://folder, sqlite:///file.db, postgresql://... or memory://"
 
 
-def open_store(url: str, *, encryption_key: str | bytes | None = None) -> Store:
+def open_store(url: str, *, encryption_key: KeyInput | None = None) -> Store:
     """Open a store from a URL; nothing is touched until the store is first used.
 
     ``./dir`` or ``file://dir`` (FileStore), ``sqlite:///file.db`` (SQLiteStore:
     three slashes and a relative path, four for an absolute one),
     ``postgresql://user@host/db`` or ``postgres://...`` (PostgresStore; add
     ``?schema=name`` for a schema other than ``stepvault``), ``memory://``.
+    ``encryption_key`` (a key, a passphrase or a ``crypto.KeyRing``) encrypts
+    every record, whichever the store.
 
     Raises:
         EngineError: the URL's scheme is unknown, or names no database file.
     """
     if url.startswith("memory://"):
-        return MemoryStore()
+        return MemoryStore(encryption_key=encryption_key)
     if url.startswith("file://"):
         return FileStore(url.removeprefix("file://"), encryption_key=encryption_key)
     scheme, separator, rest = url.partition("://")
     if not separator:
         return FileStore(url, encryption_key=encryption_key)
     if scheme in ("postgresql", "postgres"):
-        _no_key_yet(encryption_key, "PostgresStore")
-        return PostgresStore(url)
+        return PostgresStore(url, encryption_key=encryption_key)
     if scheme == "sqlite":
         path = rest.removeprefix("/")  # sqlite:///rel.db -> rel.db, sqlite:////abs -> /abs
         if not rest.startswith("/") or not path or path.endswith("/"):
@@ -51,12 +53,5 @@ def open_store(url: str, *, encryption_key: str | bytes | None = None) -> Store:
                 f"store URL {url!r}: a SQLite URL names a file, as in sqlite:///sessions.db "
                 "(relative) or sqlite:////var/lib/app/sessions.db (absolute)"
             )
-        _no_key_yet(encryption_key, "SQLiteStore")
-        return SQLiteStore(path)
+        return SQLiteStore(path, encryption_key=encryption_key)
     raise EngineError(f"store URL {url!r}: scheme {scheme!r} is not supported (use {STORE_URLS})")
-
-
-def _no_key_yet(encryption_key: str | bytes | None, store: str) -> None:
-    # The same answer FileStore gives until encryption at rest lands in the codec.
-    if encryption_key is not None:
-        raise EngineError(f"encryption at rest is not available for {store} in this version")

@@ -27,6 +27,11 @@ without the ones before it), then insert the event framed under that number. It
 never touches the ``sessions`` row, so it neither waits for nor delays a
 runner's fenced commit; a checkpoint that absorbs events up to n deletes them in
 its own statement.
+
+With an encryption key every record is sealed under its session's data key,
+wrapped in ``session_keys`` (one row per session, written in the statement that
+creates the session; see docs/security.md). A commit is fenced on the key row
+too: a record in clear never joins a session whose records are sealed.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from types import ModuleType
 from typing import Any
 
 from .. import codec
+from ..crypto import SALT_NAME, SEAL_OVERHEAD, Encryption, KeyInput, RekeyOutcome, SessionKeys
 from ..errors import (
+    DecryptionError,
     EngineError,
     InvalidArgumentError,
     LeaseLostError,
@@ -60,9 +67,25 @@ from .base import (
     check_fresh,
     validate_session_id,
 )
-from .sql import COMPACT_MIN_BYTES, encode_event, rebuild_session, refuse_commit
+from .sql import (
+    COMPACT_MIN_BYTES,
+    Rekeyed,
+    decode_events,
+    encode_event,
+    failed_check,
+    in_clear,
+    missing_key,
+    not_corrupt,
+    open_records,
+    passed_check,
+    rebuild_session,
+    refuse_commit,
+    rekeyed,
+    sealed_record,
+    unwrap,
+)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_SCHEMA = "stepvault"
 _log = get_logger()
 
@@ -114,7 +137,24 @@ _MIGRATIONS: dict[int, str] = {
     );
     INSERT INTO {s}.inboxes (session_id, last_seq) SELECT id, 0 FROM {s}.sessions;
     """,
+    # Encryption at rest: each session's wrapped data key (and the passphrase salt,
+    # under crypto.SALT_NAME, hence text names), and sessions moved aside as corrupt.
+    3: """
+    CREATE TABLE {s}.session_keys (
+        name text PRIMARY KEY,
+        record bytea NOT NULL
+    );
+    CREATE TABLE {s}.quarantine (
+        session_id uuid NOT NULL,
+        moved_at timestamptz NOT NULL,
+        kind text NOT NULL,
+        seq bigint NOT NULL,
+        record bytea NOT NULL
+    );
+    """,
 }
+_SESSION = Session.__name__  # record kinds, bound into each sealed record
+_CHECKPOINT = Checkpoint.__name__
 
 _SQL = {
     "migration_lock": "SELECT pg_advisory_xact_lock(hashtext($1))",
@@ -123,6 +163,8 @@ _SQL = {
         CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL)""",
     "migration_version": "SELECT coalesce(max(version), 0) FROM {s}.schema_version",
     "migration_done": "INSERT INTO {s}.schema_version VALUES ($1)",
+    # The key row ($11, NULL in clear) is written only with the session: a row left
+    # under this id without a session (it cannot be its) is replaced or removed.
     "create": """
         WITH made AS (
             INSERT INTO {s}.sessions (id, status, workflow, created_at, last_activity,
@@ -130,12 +172,20 @@ _SQL = {
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, length($9::bytea))
             ON CONFLICT (id) DO NOTHING
             RETURNING id
+        ), keyed AS (
+            INSERT INTO {s}.session_keys (name, record)
+            SELECT id::text, $11::bytea FROM made WHERE $11::bytea IS NOT NULL
+            ON CONFLICT (name) DO UPDATE SET record = excluded.record
+        ), unkeyed AS (
+            DELETE FROM {s}.session_keys
+            WHERE name IN (SELECT id::text FROM made) AND $11::bytea IS NULL
         )
         INSERT INTO {s}.inboxes (session_id, last_seq) SELECT id, $10 FROM made""",
     # One statement, so the snapshot, the steps after it and the posted events
     # come from one snapshot.
     "load": """
-        SELECT s.snapshot, s.snapshot_revision, st.revisions, st.records, ev.seqs, ev.events
+        SELECT s.snapshot, s.snapshot_revision, st.revisions, st.records, ev.seqs, ev.events,
+            (SELECT record FROM {s}.session_keys WHERE name = s.id::text) AS key_record
         FROM {s}.sessions AS s CROSS JOIN LATERAL (
             SELECT array_agg(revision ORDER BY revision) AS revisions,
                    array_agg(record ORDER BY revision) AS records
@@ -163,12 +213,14 @@ _SQL = {
     "why_not_saved": """
         SELECT revision, owner IS NOT NULL AND lease_expires > now() AS busy
         FROM {s}.sessions WHERE id = $1""",
+    # $11: whether the record is sealed; it must be exactly when the session has a key.
     "commit": """
         WITH fenced AS (
-            UPDATE {s}.sessions SET status = $5, last_activity = $6, expires_at = $7,
+            UPDATE {s}.sessions AS ses SET status = $5, last_activity = $6, expires_at = $7,
                 steps_done = steps_done + $8, revision = $4,
                 steps_bytes = steps_bytes + length($9::bytea)
             WHERE id = $1 AND owner = $2 AND epoch = $3 AND revision = $4 - 1
+                AND EXISTS (SELECT 1 FROM {s}.session_keys WHERE name = ses.id::text) = $11
             RETURNING id, snapshot_bytes, steps_bytes
         ), added AS (
             INSERT INTO {s}.steps (session_id, revision, record) SELECT id, $4, $9 FROM fenced
@@ -177,7 +229,10 @@ _SQL = {
             DELETE FROM {s}.events WHERE session_id IN (SELECT id FROM fenced) AND seq <= $10
         )
         SELECT snapshot_bytes, steps_bytes FROM fenced""",
-    "why_not_committed": "SELECT owner, epoch, revision FROM {s}.sessions WHERE id = $1",
+    "why_not_committed": """
+        SELECT owner, epoch, revision,
+            (SELECT record FROM {s}.session_keys WHERE name = ses.id::text) AS key_record
+        FROM {s}.sessions AS ses WHERE id = $1""",
     "compact": """
         WITH folded AS (
             UPDATE {s}.sessions SET snapshot = $2, snapshot_revision = $3,
@@ -205,7 +260,43 @@ _SQL = {
         SELECT seq, true AS added FROM added
         UNION ALL
         SELECT seq, false FROM {s}.events WHERE session_id = $1 AND event_id = $3""",
-    "delete": "DELETE FROM {s}.sessions WHERE id = $1",  # steps, inbox, events cascade
+    # Steps, inbox and events cascade; the key row goes in the same statement.
+    "delete": """
+        WITH gone AS (DELETE FROM {s}.sessions WHERE id = $1 RETURNING id),
+        unkeyed AS (DELETE FROM {s}.session_keys WHERE name IN (SELECT id::text FROM gone))
+        SELECT count(*) FROM gone""",
+    "key": "SELECT record FROM {s}.session_keys WHERE name = $1",
+    "add_key": """
+        INSERT INTO {s}.session_keys (name, record) VALUES ($1, $2)
+        ON CONFLICT (name) DO NOTHING""",
+    "put_key": """
+        INSERT INTO {s}.session_keys (name, record) VALUES ($1, $2)
+        ON CONFLICT (name) DO UPDATE SET record = excluded.record""",
+    "delete_key": "DELETE FROM {s}.session_keys WHERE name = $1",
+    "lock_session": """
+        SELECT snapshot, owner IS NOT NULL AND lease_expires > now() AS busy
+        FROM {s}.sessions WHERE id = $1 FOR UPDATE""",
+    "lock_inbox": "SELECT last_seq FROM {s}.inboxes WHERE session_id = $1 FOR UPDATE",
+    "rekey": """
+        WITH rewritten AS (
+            UPDATE {s}.sessions SET revision = $2, snapshot = $3, snapshot_revision = $2,
+                snapshot_bytes = length($3::bytea), steps_bytes = 0,
+                owner = NULL, lease_expires = NULL
+            WHERE id = $1
+            RETURNING id
+        )
+        DELETE FROM {s}.steps WHERE session_id IN (SELECT id FROM rewritten)""",
+    "reseal_event": "UPDATE {s}.events SET record = $3 WHERE session_id = $1 AND seq = $2",
+    "quarantine": """
+        INSERT INTO {s}.quarantine (session_id, moved_at, kind, seq, record)
+        SELECT id, $2::timestamptz, 'snapshot', snapshot_revision, snapshot
+        FROM {s}.sessions WHERE id = $1
+        UNION ALL
+        SELECT session_id, $2, 'step', revision, record FROM {s}.steps WHERE session_id = $1
+        UNION ALL
+        SELECT session_id, $2, 'event', seq, record FROM {s}.events WHERE session_id = $1
+        UNION ALL
+        SELECT name::uuid, $2, 'key', 0, record FROM {s}.session_keys WHERE name = $1::text""",
     "list": """
         SELECT id::text AS id, status, workflow, created_at, last_activity, expires_at,
             steps_done
@@ -237,6 +328,9 @@ class PostgresStore:
 
     Args:
         dsn: a ``postgresql://`` URL; a ``schema`` query parameter names the schema.
+        encryption_key: encrypt every record (AES-256-GCM) as ``FileStore`` does:
+            32 bytes, a base64 string of 32 bytes, a passphrase, or a
+            ``crypto.KeyRing`` holding old keys too. None stores records in clear.
         schema: the schema holding stepvault's tables (default ``stepvault``),
             created and migrated on first use.
         durability: ``"fsync"`` (the server's own setting, normally durable at
@@ -249,6 +343,7 @@ class PostgresStore:
         self,
         dsn: str,
         *,
+        encryption_key: KeyInput | None = None,
         schema: str | None = None,
         durability: Durability = "fsync",
         min_connections: int = 1,
@@ -272,6 +367,7 @@ class PostgresStore:
             )
         self.durability = check_durability(durability)
         self.compact_bytes = compact_bytes
+        self._encryption = Encryption.of(encryption_key)
         self._pool_bounds = (min_connections, max_connections)
         self._sql = {name: query.format(s=self.schema) for name, query in _SQL.items()}
         self._pool: Any = None
@@ -280,14 +376,23 @@ class PostgresStore:
         self._held: dict[str, Lease] = {}
 
     def __repr__(self) -> str:
-        return f"PostgresStore({_where(self.dsn)!r}, schema={self.schema!r})"
+        encrypted = ", encrypted" if self._encryption is not None else ""
+        return f"PostgresStore({_where(self.dsn)!r}, schema={self.schema!r}{encrypted})"
 
     # -- the Store protocol ---------------------------------------------------
 
     async def create(self, session: Session) -> None:
-        """Insert a new session row with its snapshot."""
+        """Insert a new session row with its snapshot (and its data key, when encrypted)."""
         validate_session_id(session.id)
-        snapshot = codec.encode_model(session.revision, session, f"session {session.id}")
+        body = codec.dump_json(session, f"session {session.id}")
+        overhead = SEAL_OVERHEAD if self._encryption is not None else 0
+        codec.check_record_size(session.revision, len(body) + overhead)
+        await self._connect()  # a passphrase needs the store's salt first
+        keys, key_record = None, None
+        if self._encryption is not None:
+            key_record = self._encryption.new_session_record(session.id)
+            keys = self._encryption.open_session_keys(session.id, key_record)
+        snapshot = codec.seal_frame(session.revision, _SESSION, body, keys)
         status = await self._call(
             "execute",
             "create",
@@ -301,9 +406,12 @@ class PostgresStore:
             session.revision,
             snapshot,
             session.inbox_seq,
+            key_record,
         )
         if status != "INSERT 0 1":
             raise SessionExistsError(f"session {session.id} already exists")
+        if keys is not None and self._encryption is not None:
+            self._encryption.remember(keys)
 
     async def load(self, session_id: str) -> Session | None:
         """Return the session rebuilt from its snapshot, later steps and posted events."""
@@ -311,28 +419,66 @@ class PostgresStore:
 
     async def _load(self, session_id: str, *, posted: bool) -> Session | None:
         """Rebuild the session; with ``posted``, its posted events join its inbox."""
+        return (await self._read(session_id, posted=posted))[0]
+
+    async def _read(self, session_id: str, *, posted: bool) -> tuple[Session | None, bool]:
+        """Return the session (None if absent) and whether it is encrypted."""
         row = await self._call("fetchrow", "load", session_id)
         if row is None:
-            return None
+            return None, False
         steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
-        events = list(zip(row["seqs"] or (), row["events"] or (), strict=True))
+        events = list(zip(row["seqs"] or (), row["events"] or (), strict=True)) if posted else []
+        source = f"postgres {self.schema} session {session_id}"
+        key_record = row["key_record"]
+
+        def decode(keys: SessionKeys | None) -> Session:
+            snapshot, revision = row["snapshot"], row["snapshot_revision"]
+            return rebuild_session(source, session_id, snapshot, revision, steps, events, keys)
+
         # Decoding a large session takes a while: never on the event loop.
-        return await asyncio.to_thread(
-            rebuild_session,
-            f"postgres {self.schema} session {session_id}",
-            session_id,
-            row["snapshot"],
-            row["snapshot_revision"],
-            steps,
-            events if posted else [],
+        session = await asyncio.to_thread(
+            open_records, self._encryption, session_id, key_record, decode
         )
+        return session, key_record is not None
+
+    async def _keys(self, conn: Any, session_id: str) -> SessionKeys | None:
+        """Return the keys to seal a write without the lease with (None: in clear).
+
+        Read from the key row on ``conn`` (inside the caller's transaction): another
+        runner may have rekeyed the session since its keys were cached here.
+
+        Raises:
+            DecryptionError: the session is encrypted and this store has no key.
+        """
+        record = await conn.fetchval(self._sql["key"], session_id)
+        if self._encryption is None:
+            if record is not None:
+                raise missing_key(session_id, DecryptionError(""), record, None)
+            return None
+        return unwrap(self._encryption, session_id, record)
+
+    async def _commit_keys(self, session_id: str) -> SessionKeys | None:
+        """Return the keys a lease holder seals with: cached since ``acquire`` forgot them."""
+        if self._encryption is None:
+            return None
+        keys = self._encryption.cached(session_id)
+        if keys is None:
+            record = await self._call("fetchval", "key", session_id)
+            keys = unwrap(self._encryption, session_id, record)
+        return keys
 
     async def save(self, session: Session) -> None:
         """Replace the session whole; ``SessionBusyError`` while a runner's lease is live."""
         validate_session_id(session.id)
         revision = session.revision + 1
         saved = session.model_copy(update={"revision": revision})
-        snapshot = codec.encode_model(revision, saved, f"session {session.id}")
+        body = codec.dump_json(saved, f"session {session.id}")
+        pool = await self._connect()
+        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
+            async with pool.acquire() as conn:
+                # A rekey between this read and the save bumps the revision: refused.
+                keys = await self._keys(conn, session.id)
+        snapshot = codec.seal_frame(revision, _SESSION, body, keys)
         count = await self._call(
             "fetchval",
             "save",
@@ -358,7 +504,9 @@ class PostgresStore:
         """Insert one step and update the session row in one statement, fenced by the lease."""
         session_id = validate_session_id(lease.session_id)
         what = f"checkpoint {checkpoint.revision} of session {session_id}"
-        record = codec.encode_model(checkpoint.revision, checkpoint, what)
+        body = codec.dump_json(checkpoint, what)
+        keys = await self._commit_keys(session_id)
+        record = codec.seal_frame(checkpoint.revision, _CHECKPOINT, body, keys)
         row = await self._call(
             "fetchrow",
             "commit",
@@ -372,10 +520,19 @@ class PostgresStore:
             int(checkpoint.step is not None),
             record,
             checkpoint.inbox_seq,
+            keys is not None,
         )
         if row is None:
             found = await self._call("fetchrow", "why_not_committed", session_id)
-            refuse_commit(lease, checkpoint, None if found is None else tuple(found))
+            if found is None:
+                refuse_commit(lease, checkpoint, None)
+            held = (found["owner"], found["epoch"], found["revision"])
+            if held == (lease.owner, lease.token, checkpoint.revision - 1):
+                # Only the key fence refused it: sealed and clear records never mix.
+                self._forget_keys(session_id)
+                problem = DecryptionError(f"{what} cannot be written in clear or under this key")
+                raise missing_key(session_id, problem, found["key_record"], self._encryption)
+            refuse_commit(lease, checkpoint, held)
         if row["steps_bytes"] > max(self.compact_bytes, row["snapshot_bytes"]):
             await self._compact_quietly(session_id)
 
@@ -386,8 +543,9 @@ class PostgresStore:
             session = await self._load(session_id, posted=False)
             if session is not None:
                 what = f"session {session_id}"
+                keys = await self._commit_keys(session_id)
                 snapshot = await asyncio.to_thread(
-                    codec.encode_model, session.revision, session, what
+                    codec.encode_model, session.revision, session, what, keys
                 )
                 await self._call("execute", "compact", session_id, snapshot, session.revision)
         except EngineError as exc:
@@ -410,7 +568,8 @@ class PostgresStore:
                     seq = await conn.fetchval(self._sql["inbox_bump"], session_id)
                     if seq is None:
                         raise SessionNotFoundError(f"session {session_id} not found")
-                    record = encode_event(session_id, seq, event)
+                    keys = await self._keys(conn, session_id)
+                    record = encode_event(session_id, seq, event, keys)
                     row = await conn.fetchrow(self._sql["post"], session_id, seq, event.id, record)
                     if not row["added"]:
                         raise _PostedBefore(row["seq"])
@@ -421,9 +580,10 @@ class PostgresStore:
 
     async def delete(self, session_id: str) -> bool:
         """Remove a session, its steps and its posted events; return whether it existed."""
-        status = await self._call("execute", "delete", validate_session_id(session_id))
+        count = await self._call("fetchval", "delete", validate_session_id(session_id))
         self._held.pop(session_id, None)
-        return bool(status == "DELETE 1")
+        self._forget_keys(session_id)
+        return bool(count)
 
     async def list(self) -> builtins.list[SessionInfo]:
         """Return a row per session from the clear columns, without decoding snapshots."""
@@ -441,6 +601,7 @@ class PostgresStore:
                 raise SessionNotFoundError(f"session {session_id} not found")
             return None
         lease = self._held[session_id] = Lease(session_id, owner, row["epoch"], row["takeovers"])
+        self._forget_keys(session_id)  # another runner may have rekeyed it
         return lease
 
     async def renew(self, lease: Lease, *, ttl: float = DEFAULT_LEASE_TTL) -> None:
@@ -475,6 +636,122 @@ class PostgresStore:
         await self._connect()
         return SCHEMA_VERSION
 
+    # -- security: shredding, verification, rekeying ----------------------------
+
+    async def shred(self, session_id: str) -> bool:
+        """Destroy the session's data key with its rows, in one transaction.
+
+        Once this returns no reader of the database can decrypt the session, and
+        a copy of its records made without the key row never can. The deleted
+        rows stay in the table's pages until ``VACUUM`` reuses them, and in the
+        server's write-ahead log and backups (see docs/security.md).
+
+        Raises:
+            StorageError: the session is stored in clear: there is no key to destroy.
+        """
+        validate_session_id(session_id)
+        sql = self._sql
+        pool = await self._connect()
+        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
+            async with pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(sql["lock_session"], session_id)
+                destroyed = await conn.execute(sql["delete_key"], session_id) == "DELETE 1"
+                if not destroyed and row is not None and not sealed_record(row["snapshot"]):
+                    in_clear(session_id)  # raises: rolled back, nothing removed
+                existed = bool(await conn.fetchval(sql["delete"], session_id))
+        self._held.pop(session_id, None)
+        self._forget_keys(session_id)
+        return destroyed or existed
+
+    async def check(self, session_id: str) -> codec.SessionCheck:
+        """Decode every live record of the session (checksums, tags); change nothing."""
+        validate_session_id(session_id)
+        try:
+            session, sealed = await self._read(session_id, posted=True)
+        except StorageError as exc:
+            return failed_check(session_id, exc)
+        return passed_check(session_id, session, sealed=sealed)
+
+    async def quarantine(self, session_id: str) -> str:
+        """Move a corrupt session's records (and key) to the ``quarantine`` table.
+
+        Raises:
+            StorageError: the session is not corrupt (an undecryptable one is never moved).
+        """
+        check = await self.check(session_id)
+        if check.verdict != "corrupt":
+            not_corrupt(check)
+        sql = self._sql
+        pool = await self._connect()
+        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
+            async with pool.acquire() as conn, conn.transaction():
+                moved_at = await conn.fetchval("SELECT now()")
+                # The key goes with the records: they stay readable for repair.
+                await conn.execute(sql["quarantine"], session_id, moved_at)
+                await conn.fetchval(sql["delete"], session_id)
+        self._held.pop(session_id, None)
+        self._forget_keys(session_id)
+        return (
+            f"schema {self.schema} table quarantine, session_id {session_id}, moved_at {moved_at}"
+        )
+
+    async def rekey(self, session_id: str) -> RekeyOutcome:
+        """Rewrite a session under a fresh data key wrapped by the active master key.
+
+        One transaction, holding the session's and its inbox's rows: the session
+        is rewritten whole (steps folded into the snapshot, posted events sealed
+        again) with its new key row, or not at all. Returns ``"current"`` when there
+        is nothing to do and ``"busy"`` while a runner's lease is live.
+
+        Raises:
+            EngineError: the store has no key; the session is unreadable (nothing
+                is rewritten then).
+        """
+        validate_session_id(session_id)
+        encryption = self._encryption
+        if encryption is None:
+            raise EngineError("rekey needs an encryption key: set SESSION_ENCRYPTION_KEY")
+        sql = self._sql
+        pool = await self._connect()
+        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
+            async with pool.acquire() as conn, conn.transaction():
+                locked = await conn.fetchrow(sql["lock_session"], session_id)
+                if locked is None:
+                    raise SessionNotFoundError(f"session {session_id} not found")
+                if locked["busy"]:
+                    return "busy"
+                await conn.fetchval(sql["lock_inbox"], session_id)  # posts wait for us
+                row = await conn.fetchrow(sql["load"], session_id)
+                key_record = row["key_record"]
+                if key_record is not None and encryption.is_current(session_id, key_record):
+                    return "current"
+                new = await asyncio.to_thread(self._rekeyed, encryption, session_id, row)
+                await conn.execute(sql["rekey"], session_id, new.session.revision, new.snapshot)
+                for seq, record in new.events:
+                    await conn.execute(sql["reseal_event"], session_id, seq, record)
+                await conn.execute(sql["put_key"], session_id, new.key_record)
+        encryption.remember(new.keys)
+        return "rekeyed"
+
+    def _rekeyed(self, encryption: Encryption, session_id: str, row: Any) -> Rekeyed:
+        """Decode a session's rows under its current keys and seal them anew."""
+        source = f"postgres {self.schema} session {session_id}"
+        steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
+        events = list(zip(row["seqs"] or (), row["events"] or (), strict=True))
+
+        def decode(keys: SessionKeys | None) -> tuple[Session, builtins.list[Event]]:
+            session = rebuild_session(
+                source, session_id, row["snapshot"], row["snapshot_revision"], steps, (), keys
+            )
+            return session, decode_events(source, events, keys)
+
+        session, posted = open_records(encryption, session_id, row["key_record"], decode)
+        return rekeyed(encryption, session, posted)
+
+    def _forget_keys(self, session_id: str) -> None:
+        if self._encryption is not None:
+            self._encryption.forget(session_id)
+
     # -- connection, schema, errors -------------------------------------------
 
     async def _connect(self) -> Any:
@@ -506,6 +783,7 @@ class PostgresStore:
         try:
             with self._errors(f"cannot migrate schema {self.schema}"):
                 await self._migrate(pool)
+                await self._prepare(pool)
         except BaseException:
             await pool.close()
             raise
@@ -528,6 +806,15 @@ class PostgresStore:
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 await conn.execute(_MIGRATIONS[version].format(s=self.schema))
                 await conn.execute(sql["migration_done"], version)
+
+    async def _prepare(self, pool: Any) -> None:
+        """Derive the master keys once; a passphrase needs the store's salt, made once."""
+        encryption = self._encryption
+        if encryption is None or encryption.prepared:
+            return
+        await pool.execute(self._sql["add_key"], SALT_NAME, encryption.new_salt_record())
+        record = await pool.fetchval(self._sql["key"], SALT_NAME)
+        await asyncio.to_thread(encryption.use_salt, record)  # scrypt: tens of milliseconds
 
     async def _call(self, method: str, statement: str, *args: Any) -> Any:
         """Run one named statement on a pooled connection (its own transaction)."""

@@ -22,6 +22,10 @@ The database runs in WAL mode (readers never wait for the writer) with
 ``BEGIN IMMEDIATE`` under a busy timeout, so processes queue for the write lock
 instead of failing with "database is locked". All sqlite3 calls of a store run on
 one thread of its own: the event loop never waits on the database.
+
+With an encryption key every record (snapshot, step, event) is sealed under its
+session's data key, wrapped in ``stepvault_session_keys`` (see docs/security.md);
+the connection then runs with ``secure_delete`` on, so deleted rows are zeroed.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import codec
+from ..crypto import SEAL_OVERHEAD, Encryption, KeyInput, RekeyOutcome, SessionKeys
 from ..errors import (
+    DecryptionError,
     EngineError,
     LeaseLostError,
     SessionBusyError,
@@ -58,9 +64,23 @@ from .base import (
     check_fresh,
     validate_session_id,
 )
-from .sql import COMPACT_MIN_BYTES, encode_event, rebuild_session, refuse_commit
+from .sql import (
+    COMPACT_MIN_BYTES,
+    check_session,
+    decode_events,
+    encode_event,
+    in_clear,
+    missing_key,
+    not_corrupt,
+    open_records,
+    rebuild_session,
+    refuse_commit,
+    rekeyed,
+    sealed_record,
+    unwrap,
+)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT = 60.0
 """Seconds a write waits for another process's transaction before giving up."""
 MIN_SQLITE = (3, 35, 0)
@@ -119,7 +139,24 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             UNIQUE (session_id, event_id)
         )""",
     ),
+    # Encryption at rest: each session's wrapped data key (and the passphrase salt,
+    # under crypto.SALT_NAME), and the records of sessions moved aside as corrupt.
+    3: (
+        """CREATE TABLE stepvault_session_keys (
+            name TEXT PRIMARY KEY,
+            record BLOB NOT NULL
+        )""",
+        """CREATE TABLE stepvault_quarantine (
+            session_id TEXT NOT NULL,
+            moved_at TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            record BLOB NOT NULL
+        )""",
+    ),
 }
+_SESSION = Session.__name__  # record kinds, bound into each sealed record
+_CHECKPOINT = Checkpoint.__name__
 
 
 class SQLiteStore:
@@ -127,6 +164,9 @@ class SQLiteStore:
 
     Args:
         path: the database file (created 0600 on first use, with its folder).
+        encryption_key: encrypt every record (AES-256-GCM) as ``FileStore`` does:
+            32 bytes, a base64 string of 32 bytes, a passphrase, or a
+            ``crypto.KeyRing`` holding old keys too. None stores records in clear.
         durability: ``"fsync"`` (``synchronous=FULL``: every commit is durable when
             it returns) or ``"none"`` (``synchronous=OFF``, for tests).
         compact_bytes: step bytes below which no compaction happens.
@@ -139,27 +179,34 @@ class SQLiteStore:
         self,
         path: str | os.PathLike[str],
         *,
+        encryption_key: KeyInput | None = None,
         durability: Durability = "fsync",
         compact_bytes: int = COMPACT_MIN_BYTES,
     ) -> None:
         self.path = Path(path)
         self.durability = check_durability(durability)
         self.compact_bytes = compact_bytes
+        self._encryption = Encryption.of(encryption_key)
         self._executor: ThreadPoolExecutor | None = None
         # Touched only on the store's thread, like the connection.
         self._db: sqlite3.Connection | None = None
+        self._vault = _KeyRows(self._open_db)
         self._held: dict[str, Lease] = {}
 
     def __repr__(self) -> str:
-        return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r})"
+        encrypted = ", encrypted" if self._encryption is not None else ""
+        return f"SQLiteStore({str(self.path)!r}, durability={self.durability!r}{encrypted})"
 
     # -- the Store protocol ---------------------------------------------------
 
     async def create(self, session: Session) -> None:
-        """Insert a new session row with its snapshot."""
+        """Insert a new session row with its snapshot (and its data key, when encrypted)."""
         validate_session_id(session.id)
-        snapshot = codec.encode_model(session.revision, session, f"session {session.id}")
-        await self._run(self._create_sync, session, snapshot)
+        body = codec.dump_json(session, f"session {session.id}")
+        # Before touching the database: bad data creates nothing, not even a data key.
+        overhead = SEAL_OVERHEAD if self._encryption is not None else 0
+        codec.check_record_size(session.revision, len(body) + overhead)
+        await self._run(self._create_sync, session, body)
 
     async def load(self, session_id: str) -> Session | None:
         """Return the session rebuilt from its snapshot, later steps and posted events."""
@@ -169,16 +216,16 @@ class SQLiteStore:
         """Replace the session whole; ``SessionBusyError`` while a runner's lease is live."""
         validate_session_id(session.id)
         saved = session.model_copy(update={"revision": session.revision + 1})
-        snapshot = codec.encode_model(saved.revision, saved, f"session {saved.id}")
-        await self._run(self._save_sync, saved, snapshot)
+        body = codec.dump_json(saved, f"session {saved.id}")
+        await self._run(self._save_sync, saved, body)
         session.revision = saved.revision  # only once the new revision is stored
 
     async def commit(self, lease: Lease, checkpoint: Checkpoint) -> None:
         """Insert one step row and update the session row, fenced by the lease."""
         session_id = validate_session_id(lease.session_id)
         what = f"checkpoint {checkpoint.revision} of session {session_id}"
-        record = codec.encode_model(checkpoint.revision, checkpoint, what)
-        await self._run(self._commit_sync, lease, checkpoint, record)
+        body = codec.dump_json(checkpoint, what)
+        await self._run(self._commit_sync, lease, checkpoint, body)
 
     async def post_event(self, session_id: str, event: Event) -> int:
         """Append ``event`` to the session's inbox without the lease; return its number.
@@ -230,6 +277,47 @@ class SQLiteStore:
         """Create or upgrade the schema now rather than on first use; return its version."""
         return await self._run(self._migrate_sync)
 
+    # -- security: shredding, verification, rekeying ----------------------------
+
+    async def shred(self, session_id: str) -> bool:
+        """Destroy the session's data key with its rows; return whether it existed.
+
+        One transaction deletes the key row and the session's records; with
+        ``secure_delete`` the freed pages are zeroed, and a ``wal_checkpoint
+        (TRUNCATE)`` then removes the old pages from the write-ahead log too. A
+        copy of the records made without the key row can never be decrypted.
+
+        Raises:
+            StorageError: the session is stored in clear: there is no key to destroy.
+        """
+        return await self._run(self._shred_sync, validate_session_id(session_id))
+
+    async def check(self, session_id: str) -> codec.SessionCheck:
+        """Decode every live record of the session (checksums, tags); change nothing."""
+        return await self._run(self._check_sync, validate_session_id(session_id))
+
+    async def quarantine(self, session_id: str) -> str:
+        """Move a corrupt session's records (and key) to ``stepvault_quarantine``.
+
+        Raises:
+            StorageError: the session is not corrupt (an undecryptable one is never moved).
+        """
+        return await self._run(self._quarantine_sync, validate_session_id(session_id))
+
+    async def rekey(self, session_id: str) -> RekeyOutcome:
+        """Rewrite a session under a fresh data key wrapped by the active master key.
+
+        One transaction: the session is rewritten whole (its steps folded into the
+        snapshot, its posted events sealed again) with its new key row, or not at
+        all. Returns ``"current"`` when there is nothing to do and ``"busy"`` while
+        a runner's lease is live.
+
+        Raises:
+            EngineError: the store has no key; the session is unreadable (nothing
+                is rewritten then).
+        """
+        return await self._run(self._rekey_sync, validate_session_id(session_id))
+
     # -- running on the store's thread ----------------------------------------
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -264,12 +352,39 @@ class SQLiteStore:
                     raise StorageError(f"{self.path}: cannot use WAL mode (got {mode!r})")
                 sync = "FULL" if self.durability == "fsync" else "OFF"
                 db.execute(f"PRAGMA synchronous = {sync}")
+                if self._encryption is not None:
+                    db.execute("PRAGMA secure_delete = ON")  # deleted keys are zeroed
                 _migrate(db, self.path)
             except BaseException:
                 db.close()
                 raise
             self._db = db
+        if self._encryption is not None and not self._encryption.prepared:
+            with _write(self._db):  # a passphrase needs the store's salt (made once)
+                self._encryption.prepare(self._vault)
         return self._db
+
+    def _open_db(self) -> sqlite3.Connection:
+        """Return the open connection (for the key vault, used only inside ``_conn``'s users)."""
+        if self._db is None:
+            raise RuntimeError("the SQLite connection is not open")
+        return self._db
+
+    def _write_keys(self, session_id: str) -> SessionKeys | None:
+        """Return the keys to seal a write without the lease with (None: in clear).
+
+        Read from the key row inside the write transaction: another process may have
+        rekeyed the session since its keys were cached here.
+
+        Raises:
+            DecryptionError: the session is encrypted and this store has no key.
+        """
+        record = self._vault.get_key(session_id)
+        if self._encryption is None:
+            if record is not None:
+                raise missing_key(session_id, DecryptionError(""), record, None)
+            return None
+        return unwrap(self._encryption, session_id, record)
 
     def _migrate_sync(self) -> int:
         self._conn()  # opening migrates
@@ -286,10 +401,24 @@ class SQLiteStore:
             self._db.close()
             self._db = None
 
-    def _create_sync(self, session: Session, snapshot: bytes) -> None:
+    def _create_sync(self, session: Session, body: bytes) -> None:
         db = self._conn()
         try:
             with _write(db):
+                if db.execute(
+                    "SELECT 1 FROM stepvault_sessions WHERE id = ?", (session.id,)
+                ).fetchone():
+                    raise SessionExistsError(f"session {session.id} already exists")
+                # The key row commits with the session's rows, so neither exists alone;
+                # a key row left without a session (it cannot be its) is replaced.
+                keys = None
+                if self._encryption is None:
+                    self._vault.delete_key(session.id)
+                else:
+                    record = self._encryption.new_session_record(session.id)
+                    self._vault.put_key(session.id, record)
+                    keys = self._encryption.open_session_keys(session.id, record)
+                snapshot = codec.seal_frame(session.revision, _SESSION, body, keys)
                 db.execute(
                     "INSERT INTO stepvault_sessions (id, status, workflow, created_at,"
                     " last_activity, expires_at, steps_done, revision, snapshot_revision,"
@@ -317,40 +446,85 @@ class SQLiteStore:
                 )
         except sqlite3.IntegrityError:
             raise SessionExistsError(f"session {session.id} already exists") from None
+        if keys is not None and self._encryption is not None:
+            self._encryption.remember(keys)
 
     def _load_sync(self, session_id: str, *, posted: bool = True) -> Session | None:
         """Rebuild the session; with ``posted``, its posted events join its inbox."""
+        return self._read_sync(session_id, posted=posted)[0]
+
+    def _read_sync(self, session_id: str, *, posted: bool = True) -> tuple[Session | None, bool]:
+        """Return the session (None if absent) and whether it is encrypted."""
         db = self._conn()
-        db.execute("BEGIN")  # one read snapshot for the row, its steps and its events
+        db.execute("BEGIN")  # one read snapshot for the row, its steps, events and key
         try:
-            row = db.execute(
-                "SELECT record, snapshot_revision FROM stepvault_sessions"
-                " JOIN stepvault_snapshots ON session_id = id WHERE id = ?",
-                (session_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            steps = db.execute(
-                "SELECT revision, record FROM stepvault_steps"
-                " WHERE session_id = ? AND revision > ? ORDER BY revision",
-                (session_id, row[1]),
-            ).fetchall()
-            events = (
-                db.execute(
-                    "SELECT seq, record FROM stepvault_events WHERE session_id = ? ORDER BY seq",
-                    (session_id,),
-                ).fetchall()
-                if posted
-                else []
-            )
+            found = self._fetch(db, session_id, posted=posted)
         finally:
             db.execute("COMMIT")
+        if found is None:
+            return None, False
+        snapshot, revision, steps, events, key_record = found
         source = f"{self.path} session {session_id}"
-        return rebuild_session(source, session_id, row[0], row[1], steps, events)
+        session = open_records(
+            self._encryption,
+            session_id,
+            key_record,
+            lambda keys: rebuild_session(
+                source, session_id, snapshot, revision, steps, events, keys
+            ),
+        )
+        return session, key_record is not None
 
-    def _commit_sync(self, lease: Lease, checkpoint: Checkpoint, record: bytes) -> None:
+    def _fetch(
+        self, db: sqlite3.Connection, session_id: str, *, posted: bool
+    ) -> (
+        tuple[
+            bytes,
+            int,
+            builtins.list[tuple[int, bytes]],
+            builtins.list[tuple[int, bytes]],
+            bytes | None,
+        ]
+        | None
+    ):
+        """Read a session's records and key row (the caller holds a transaction)."""
+        row = db.execute(
+            "SELECT record, snapshot_revision FROM stepvault_sessions"
+            " JOIN stepvault_snapshots ON session_id = id WHERE id = ?",
+            (session_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        steps = db.execute(
+            "SELECT revision, record FROM stepvault_steps"
+            " WHERE session_id = ? AND revision > ? ORDER BY revision",
+            (session_id, row[1]),
+        ).fetchall()
+        events = (
+            db.execute(
+                "SELECT seq, record FROM stepvault_events WHERE session_id = ? ORDER BY seq",
+                (session_id,),
+            ).fetchall()
+            if posted
+            else []
+        )
+        return row[0], row[1], steps, events, self._vault.get_key(session_id)
+
+    def _commit_keys(self, session_id: str) -> SessionKeys | None:
+        """Return the keys a lease holder seals its checkpoints with (cached: see acquire).
+
+        Raises:
+            DecryptionError: the session is encrypted and this store has no key.
+        """
+        if self._encryption is None:
+            return self._write_keys(session_id)  # a clear record must never join sealed ones
+        return self._encryption.keys_for(self._vault, session_id)
+
+    def _commit_sync(self, lease: Lease, checkpoint: Checkpoint, body: bytes) -> None:
         db = self._conn()
         with _write(db):
+            keys = self._commit_keys(lease.session_id)
+            record = codec.seal_frame(checkpoint.revision, _CHECKPOINT, body, keys)
             row = db.execute(
                 "UPDATE stepvault_sessions SET status = ?, last_activity = ?, expires_at = ?,"
                 " steps_done = steps_done + ?, revision = ?, steps_bytes = steps_bytes + ?"
@@ -407,10 +581,11 @@ class SQLiteStore:
             if bumped is None:
                 raise SessionNotFoundError(f"session {session_id} not found")
             seq = bumped[0]
+            record = encode_event(session_id, seq, event, self._write_keys(session_id))
             db.execute(
                 "INSERT INTO stepvault_events (session_id, seq, event_id, record)"
                 " VALUES (?, ?, ?, ?)",
-                (session_id, seq, event.id, encode_event(session_id, seq, event)),
+                (session_id, seq, event.id, record),
             )
         return seq
 
@@ -421,9 +596,11 @@ class SQLiteStore:
             session = self._load_sync(session_id, posted=False)
             if session is None:
                 return
-            snapshot = codec.encode_model(session.revision, session, f"session {session_id}")
+            body = codec.dump_json(session, f"session {session_id}")
             db = self._conn()
             with _write(db):
+                keys = self._commit_keys(session_id)
+                snapshot = codec.seal_frame(session.revision, _SESSION, body, keys)
                 folded = db.execute(
                     "UPDATE stepvault_sessions SET snapshot_revision = ?, snapshot_bytes = ?,"
                     " steps_bytes = 0 WHERE id = ? AND revision = ?",
@@ -438,7 +615,7 @@ class SQLiteStore:
         except (sqlite3.Error, OSError, EngineError) as exc:
             _log.warning("compaction.failed", session_id=session_id, error=str(exc))
 
-    def _save_sync(self, saved: Session, snapshot: bytes) -> None:
+    def _save_sync(self, saved: Session, body: bytes) -> None:
         db = self._conn()
         with _write(db):
             row = db.execute(
@@ -451,6 +628,8 @@ class SQLiteStore:
             if row[1]:
                 raise SessionBusyError(f"session {saved.id} is being run by a runner")
             check_fresh(saved.id, saved.revision - 1, row[0])
+            keys = self._write_keys(saved.id)
+            snapshot = codec.seal_frame(saved.revision, _SESSION, body, keys)
             # A lease that ran out is void from here on: its holder must not commit
             # on top of the replaced session, so the owner is cleared.
             db.execute(
@@ -477,15 +656,116 @@ class SQLiteStore:
     def _delete_sync(self, session_id: str) -> bool:
         db = self._conn()
         with _write(db):
-            db.execute("DELETE FROM stepvault_steps WHERE session_id = ?", (session_id,))
-            db.execute("DELETE FROM stepvault_snapshots WHERE session_id = ?", (session_id,))
-            db.execute("DELETE FROM stepvault_events WHERE session_id = ?", (session_id,))
-            db.execute("DELETE FROM stepvault_inboxes WHERE session_id = ?", (session_id,))
-            existed = db.execute(
-                "DELETE FROM stepvault_sessions WHERE id = ?", (session_id,)
-            ).rowcount
+            existed = _delete_rows(db, session_id)
+            self._vault.delete_key(session_id)  # a removed session leaves no key behind
         self._held.pop(session_id, None)
-        return existed > 0
+        self._forget_keys(session_id)
+        return existed
+
+    def _forget_keys(self, session_id: str) -> None:
+        if self._encryption is not None:
+            self._encryption.forget(session_id)
+
+    def _shred_sync(self, session_id: str) -> bool:
+        db = self._conn()
+        with _write(db):
+            destroyed = self._vault.delete_key(session_id)
+            snapshot = db.execute(
+                "SELECT record FROM stepvault_snapshots WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if not destroyed and snapshot is not None and not sealed_record(snapshot[0]):
+                in_clear(session_id)  # raises: the transaction rolls back, nothing removed
+            existed = _delete_rows(db, session_id)
+        self._held.pop(session_id, None)
+        self._forget_keys(session_id)
+        self._truncate_log(session_id)  # the key's old page may still sit in the log
+        return destroyed or existed
+
+    def _check_sync(self, session_id: str) -> codec.SessionCheck:
+        return check_session(session_id, lambda: self._read_sync(session_id))
+
+    def _quarantine_sync(self, session_id: str) -> str:
+        check = self._check_sync(session_id)
+        if check.verdict != "corrupt":
+            not_corrupt(check)
+        moved_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        db = self._conn()
+        with _write(db):
+            # The key goes with the records: they stay readable for repair.
+            for kind, query in _QUARANTINED:
+                db.execute(
+                    "INSERT INTO stepvault_quarantine (session_id, moved_at, kind, seq, record) "
+                    + query,
+                    (session_id, moved_at, kind, session_id),
+                )
+            _delete_rows(db, session_id)
+            self._vault.delete_key(session_id)
+        self._held.pop(session_id, None)
+        self._forget_keys(session_id)
+        return (
+            f"{self.path}: table stepvault_quarantine, session_id {session_id}, moved_at {moved_at}"
+        )
+
+    def _rekey_sync(self, session_id: str) -> RekeyOutcome:
+        encryption = self._encryption
+        if encryption is None:
+            raise EngineError("rekey needs an encryption key: set SESSION_ENCRYPTION_KEY")
+        db = self._conn()
+        with _write(db):
+            row = db.execute(
+                "SELECT owner IS NOT NULL AND lease_expires > ? FROM stepvault_sessions"
+                " WHERE id = ?",
+                (time.time(), session_id),
+            ).fetchone()
+            if row is None:
+                raise SessionNotFoundError(f"session {session_id} not found")
+            if row[0]:
+                return "busy"
+            found = self._fetch(db, session_id, posted=True)
+            assert found is not None  # the row is there, in this transaction
+            snapshot, revision, steps, events, key_record = found
+            if key_record is not None and encryption.is_current(session_id, key_record):
+                return "current"
+            source = f"{self.path} session {session_id}"
+            session, posted = open_records(  # unreadable: raise, rewrite nothing
+                encryption,
+                session_id,
+                key_record,
+                lambda keys: (
+                    rebuild_session(source, session_id, snapshot, revision, steps, (), keys),
+                    decode_events(source, events, keys),
+                ),
+            )
+            new = rekeyed(encryption, session, posted)
+            # As a save: steps folded, and a lease that ran out is void (its holder's
+            # cached key is gone).
+            db.execute(
+                "UPDATE stepvault_sessions SET revision = ?, snapshot_revision = ?,"
+                " snapshot_bytes = ?, steps_bytes = 0, owner = NULL, lease_expires = NULL"
+                " WHERE id = ?",
+                (new.session.revision, new.session.revision, len(new.snapshot), session_id),
+            )
+            db.execute("DELETE FROM stepvault_steps WHERE session_id = ?", (session_id,))
+            _put_snapshot(db, session_id, new.snapshot)
+            db.executemany(
+                "UPDATE stepvault_events SET record = ? WHERE session_id = ? AND seq = ?",
+                [(record, session_id, seq) for seq, record in new.events],
+            )
+            self._vault.put_key(session_id, new.key_record)
+        encryption.remember(new.keys)
+        if key_record is None:  # it was in clear: its old pages must leave the log too
+            self._truncate_log(session_id)
+        return "rekeyed"
+
+    def _truncate_log(self, session_id: str) -> None:
+        """Copy the write-ahead log into the file (where deleted rows are zeroed), empty it."""
+        busy, _, _ = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            _log.warning(
+                "wal_checkpoint.busy",
+                session_id=session_id,
+                detail="a reader kept the log: the next checkpoint overwrites the old pages",
+            )
 
     def _list_sync(self) -> builtins.list[SessionInfo]:
         rows = self._conn().execute(
@@ -518,6 +798,7 @@ class SQLiteStore:
                 (owner, now + ttl, epoch, takeovers, session_id),
             )
         lease = self._held[session_id] = Lease(session_id, owner, epoch, takeovers)
+        self._forget_keys(session_id)  # another process may have rekeyed it
         return lease
 
     def _renew_sync(self, lease: Lease, ttl: float) -> None:
@@ -544,6 +825,64 @@ class SQLiteStore:
 
 
 _INFO = ("id", "status", "workflow", "created_at", "last_activity", "expires_at", "steps_done")
+
+_QUARANTINED = (
+    (
+        "snapshot",
+        "SELECT ?, ?, ?, snapshot_revision, record FROM stepvault_sessions"
+        " JOIN stepvault_snapshots ON session_id = id WHERE id = ?",
+    ),
+    ("step", "SELECT ?, ?, ?, revision, record FROM stepvault_steps WHERE session_id = ?"),
+    ("event", "SELECT ?, ?, ?, seq, record FROM stepvault_events WHERE session_id = ?"),
+    ("key", "SELECT ?, ?, ?, 0, record FROM stepvault_session_keys WHERE name = ?"),
+)
+"""What ``quarantine`` copies aside: every record of the session, and its key row."""
+
+
+class _KeyRows:
+    """A ``crypto.KeyVault`` on the ``stepvault_session_keys`` table.
+
+    Runs on the store's thread, inside the caller's transaction when there is one;
+    a row is durable once that transaction commits (``synchronous=FULL``).
+    """
+
+    def __init__(self, connection: Callable[[], sqlite3.Connection]) -> None:
+        self._connection = connection
+
+    def get_key(self, name: str) -> bytes | None:
+        """Return the record stored under ``name``, or None."""
+        row = (
+            self._connection()
+            .execute("SELECT record FROM stepvault_session_keys WHERE name = ?", (name,))
+            .fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    def add_key(self, name: str, record: bytes) -> bytes:
+        """Store ``record`` unless ``name`` exists; return what is stored."""
+        self._connection().execute(
+            "INSERT OR IGNORE INTO stepvault_session_keys (name, record) VALUES (?, ?)",
+            (name, record),
+        )
+        stored = self.get_key(name)
+        assert stored is not None  # inserted, or there already, in this transaction
+        return stored
+
+    def put_key(self, name: str, record: bytes) -> None:
+        """Store ``record`` under ``name``, replacing any record there."""
+        self._connection().execute(
+            "INSERT OR REPLACE INTO stepvault_session_keys (name, record) VALUES (?, ?)",
+            (name, record),
+        )
+
+    def delete_key(self, name: str) -> bool:
+        """Delete the row (zeroed on disk: ``secure_delete``); return whether it existed."""
+        deleted: int = (
+            self._connection()
+            .execute("DELETE FROM stepvault_session_keys WHERE name = ?", (name,))
+            .rowcount
+        )
+        return deleted > 0
 
 
 _CREATING = threading.Lock()
@@ -572,6 +911,16 @@ def _create_file(path: Path) -> None:
             pass
     if not stat.S_ISREG(os.lstat(path).st_mode):
         raise StorageError(f"{path}: not a regular file (a symbolic link?): refusing to open it")
+
+
+def _delete_rows(db: sqlite3.Connection, session_id: str) -> bool:
+    """Delete a session's rows (not its key); return whether it existed."""
+    db.execute("DELETE FROM stepvault_steps WHERE session_id = ?", (session_id,))
+    db.execute("DELETE FROM stepvault_snapshots WHERE session_id = ?", (session_id,))
+    db.execute("DELETE FROM stepvault_events WHERE session_id = ?", (session_id,))
+    db.execute("DELETE FROM stepvault_inboxes WHERE session_id = ?", (session_id,))
+    existed: int = db.execute("DELETE FROM stepvault_sessions WHERE id = ?", (session_id,)).rowcount
+    return existed > 0
 
 
 def _forget_posted(db: sqlite3.Connection, session_id: str, absorbed: int) -> None:
