@@ -9,8 +9,10 @@ from typing import Literal, Protocol, cast, runtime_checkable
 from ..errors import InvalidArgumentError, InvalidSessionIdError, StorageError
 from ..models import Checkpoint, Session, SessionInfo
 
-Durability = Literal["fsync", "none"]
-DURABILITY_MODES: tuple[str, ...] = ("fsync", "none")
+Durability = Literal["fsync", "batch", "none"]
+"""``fsync``: each commit durable before it returns. ``batch``: the same promise, with
+concurrent commits sharing one sync (group commit). ``none``: no sync, tests only."""
+DURABILITY_MODES: tuple[str, ...] = ("fsync", "batch", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +127,14 @@ def check_fresh(session_id: str, revision: int, stored_revision: int) -> None:
         )
 
 
-def check_durability(durability: str) -> Durability:
-    """Validate a durability mode name; ``InvalidArgumentError`` if unknown."""
-    if durability not in DURABILITY_MODES:
-        raise InvalidArgumentError(
-            f"durability must be one of {DURABILITY_MODES}, got {durability!r}"
-        )
+def check_durability(
+    durability: str, supported: tuple[str, ...] = ("fsync", "none")
+) -> Durability:
+    """Validate a durability mode name against the modes a store ``supported``.
+
+    Raises:
+        InvalidArgumentError: an unknown mode, or one this store does not offer.
+    """
+    if durability not in supported:
+        raise InvalidArgumentError(f"durability must be one of {supported}, got {durability!r}")
     return cast(Durability, durability)
