@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import events, versioning
@@ -65,6 +65,8 @@ class Driver:
         self._writers: dict[str, SessionWriter] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._slots = asyncio.Semaphore(max_concurrency)
+        self._max_concurrency = max_concurrency
+        self._backlog: dict[str, None] = {}  # an ordered set: scheduled, no task yet
 
     def register(self, workflow: Workflow) -> None:
         """Make a workflow resumable by this runner."""
@@ -93,12 +95,28 @@ class Driver:
             self._drive(session_id, retry_failed=retry_failed), name=f"stepvault-{session_id}"
         )
         self._tasks[session_id] = task
+        self._backlog.pop(session_id, None)  # started ahead of its turn (``wait``)
         task.add_done_callback(lambda done: self._forget(session_id, done))
         return task
+
+    def _schedule(self, session_ids: Iterable[str]) -> None:
+        """Run these sessions as slots free up: a task each only once one is near.
+
+        ``resume_all`` over 100,000 stored sessions must not hold 100,000 tasks (and
+        their sessions) in memory; a backlog of ids costs a string each.
+        """
+        self._backlog.update(dict.fromkeys(i for i in session_ids if i not in self._tasks))
+        self._feed()
+
+    def _feed(self) -> None:
+        # A session suspended in ``_watch`` keeps its task but frees its slot.
+        while self._backlog and len(self._tasks) - len(self._wakeups) < self._max_concurrency:
+            self._spawn(next(iter(self._backlog)), retry_failed=False)
 
     def _forget(self, session_id: str, task: asyncio.Task[Any]) -> None:
         if self._tasks.get(session_id) is task:
             del self._tasks[session_id]
+        self._feed()
         # Read the outcome, so one nobody waits for is not reported as never retrieved.
         if not task.cancelled() and task.exception() is not None:
             _log.debug("session.stopped", session_id=session_id, error=str(task.exception()))
@@ -181,6 +199,7 @@ class Driver:
     async def _watch(self, session_id: str) -> None:
         """Return once a suspended session may go on: its event came or its time is up."""
         wakeup = self._wakeups[session_id] = asyncio.Event()
+        self._feed()  # this session's slot is free while it waits
         try:
             while True:
                 wakeup.clear()

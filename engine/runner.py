@@ -214,9 +214,10 @@ class Runner(Operations):
 
         A session waiting for an event or a sleep is started once the event is in
         its inbox or the time is up; one parked for an operator, never. Returns at
-        once with the ids scheduled; ``wait`` on each for its result. A session
-        another runner holds is left to it (its ``wait`` here raises
-        ``SessionBusyError``).
+        once with the ids scheduled; ``wait`` on each for its result. At most
+        ``max_concurrency`` run at once; the rest wait in ``backlog`` (an id each,
+        not a task). A session another runner holds is left to it (its ``wait``
+        here raises ``SessionBusyError``).
         """
         now = utcnow()
         started = []
@@ -236,9 +237,8 @@ class Runner(Operations):
                     continue
                 if not events.ready(session, now):
                     continue
-            if row.id not in self._tasks:
-                self._spawn(row.id, retry_failed=False)
             started.append(row.id)
+        self._schedule(started)
         return started
 
     async def send_event(self, session_id: str, name: str, payload: Any = None) -> None:
@@ -300,8 +300,14 @@ class Runner(Operations):
         ):
             self._spawn(session_id, retry_failed=False)
 
+    @property
+    def backlog(self) -> int:
+        """Return how many sessions ``resume_all`` scheduled that wait for a free slot."""
+        return len(self._backlog)
+
     async def close(self) -> None:
         """Cancel the steps in flight, then close the session manager and the store."""
+        self._backlog.clear()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

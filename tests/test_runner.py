@@ -1004,6 +1004,82 @@ async def test_resume_all_runs_at_most_max_concurrency_sessions_at_once(
     assert peak == 2
 
 
+async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores) -> None:
+    interrupted, held = Gate(), Gate()
+    wf = Workflow("backlogged")
+
+    @wf.step
+    async def first(ctx: StepContext, value: int) -> int:
+        await interrupted.pass_through(ctx.session_id)
+        return value
+
+    @wf.step
+    async def second(ctx: StepContext, value: int) -> int:
+        await held.pass_through(ctx.session_id)
+        return value * 10
+
+    # Given six interrupted sessions
+    async with Runner(stores.open(), [wf]) as runner:
+        sids = [await runner.start(wf, n) for n in range(6)]
+        await _eventually(lambda: len(interrupted.waiting) == 6)
+    interrupted.open()
+
+    # When a runner limited to two at once resumes them all
+    async with Runner(stores.open(), [wf], max_concurrency=2) as runner:
+        assert sorted(await runner.resume_all()) == sorted(sids)
+
+        # Then two run and four wait their turn as ids, not as tasks
+        await _eventually(lambda: len(held.waiting) == 2)
+        assert runner.backlog == 4
+
+        # And once the two go on, the backlog runs, to the last session
+        held.open()
+        assert sorted(await asyncio.gather(*(runner.wait(s) for s in sids))) == [
+            n * 10 for n in range(6)
+        ]
+        assert runner.backlog == 0
+
+
+async def test_a_session_suspended_on_an_event_gives_its_slot_to_the_backlog(
+    stores: Stores,
+) -> None:
+    interrupted = Gate()
+    wf = Workflow("approvals")
+
+    @wf.step
+    async def prepare(ctx: StepContext, value: int) -> int:
+        await interrupted.pass_through(ctx.session_id)
+        return value
+
+    @wf.step
+    async def approve(ctx: StepContext, value: int) -> str:
+        approver = await ctx.wait_for_event("approved")
+        return f"{value} by {approver}"
+
+    # Given three interrupted sessions
+    async with Runner(stores.open(), [wf]) as runner:
+        sids = [await runner.start(wf, n) for n in range(3)]
+        await _eventually(lambda: len(interrupted.waiting) == 3)
+    interrupted.open()
+
+    # When a runner that runs one at a time resumes them, and each comes to wait
+    async with Runner(stores.open(), [wf], max_concurrency=1) as runner:
+        await runner.resume_all()
+
+        async def all_waiting() -> bool:
+            loaded = [await runner.store.load(s) for s in sids]
+            return all(s is not None and s.status == "waiting" for s in loaded)
+
+        # Then a waiting session holds no slot: every one got to its wait
+        await _eventually(all_waiting)
+        assert runner.backlog == 0
+        for sid in sids:
+            await runner.send_event(sid, "approved", "ops")
+        assert await asyncio.gather(*(runner.wait(s) for s in sids)) == [
+            f"{n} by ops" for n in range(3)
+        ]
+
+
 # -- cancelling and closing ----------------------------------------------------------
 
 
