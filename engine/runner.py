@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from . import events
@@ -20,11 +20,11 @@ from .errors import (
     WorkflowMismatchError,
 )
 from .log import get_logger
-from .models import UNFINISHED, Event, Session, TtlPolicy, to_seconds, utcnow
+from .models import UNFINISHED, Event, Session, SessionInfo, TtlPolicy, to_seconds, utcnow
 from .operations import Operations
 from .sessions import ContextLike, MetadataLike, SessionManager
 from .steps import StepEvent
-from .stores.base import DEFAULT_LEASE_TTL, Store, validate_session_id
+from .stores.base import DEFAULT_LEASE_TTL, Store, list_pages, validate_session_id
 from .values import to_json
 from .versioning import SessionCheck
 from .workflow import Workflow
@@ -220,26 +220,30 @@ class Runner(Operations):
         here raises ``SessionBusyError``).
         """
         now = utcnow()
-        started = []
-        for row in await self.store.list():
-            if row.problem is not None:
-                _log.warning("resume.unreadable", session_id=row.id, problem=row.problem)
-                continue
-            if row.status not in UNFINISHED or row.is_expired(now):
-                continue
-            if row.workflow not in self._workflows:
-                continue
-            if row.status == "waiting":
-                try:
-                    session = await self._load(row.id)
-                except EngineError as exc:
-                    _log.warning("resume.unreadable", session_id=row.id, problem=str(exc))
-                    continue
-                if not events.ready(session, now):
-                    continue
-            started.append(row.id)
-        self._schedule(started)
+        started: list[str] = []
+        async for page in list_pages(self.store):
+            ready = [row.id for row in page if await self._resumable(row, now)]
+            self._schedule(ready)  # work starts after the first page, not after the last
+            started += ready
         return started
+
+    async def _resumable(self, row: SessionInfo, now: datetime) -> bool:
+        """Tell whether ``resume_all`` should run the row's session now."""
+        if row.problem is not None:
+            _log.warning("resume.unreadable", session_id=row.id, problem=row.problem)
+            return False
+        if row.status not in UNFINISHED or row.is_expired(now):
+            return False
+        if row.workflow not in self._workflows:
+            return False
+        if row.status != "waiting":
+            return True
+        try:
+            session = await self._load(row.id)
+        except EngineError as exc:
+            _log.warning("resume.unreadable", session_id=row.id, problem=str(exc))
+            return False
+        return events.ready(session, now)
 
     async def send_event(self, session_id: str, name: str, payload: Any = None) -> None:
         """Store an event in a session's inbox durably; a step waiting for it goes on.

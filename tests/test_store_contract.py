@@ -45,6 +45,7 @@ from engine import (
 )
 from engine.events import EventInbox
 from engine.models import Event, utcnow
+from engine.stores.base import PagedListing, list_pages
 
 MakeSession = Callable[..., Session]
 MakeStore = Callable[..., Store]
@@ -597,6 +598,30 @@ async def test_list_returns_one_row_per_session(store: Store, make_session: Make
     assert by_id[sessions[0].id].steps_done == 2
     assert by_id[sessions[0].id].status == "waiting"
     assert all(row.problem is None for row in rows)
+
+
+async def test_pages_list_every_session_once_in_id_order(
+    store: Store, make_session: MakeSession
+) -> None:
+    if not isinstance(store, PagedListing):
+        pytest.skip(f"{type(store).__name__} lists its sessions in one piece only")
+    # Given seven sessions, one with a committed step
+    sessions = [make_session(workflow="report") for _ in range(7)]
+    for session in sessions:
+        await store.create(session)
+    lease = await lease_for(store, sessions[3].id)
+    await commit(store, lease, sessions[3], step="one", status="waiting")
+
+    # When paging three at a time
+    pages = [page async for page in list_pages(store, limit=3)]
+
+    # Then the pages hold every row once, in id order, as list() has them
+    assert [len(page) for page in pages] == [3, 3, 1]
+    rows = [row for page in pages for row in page]
+    assert [row.id for row in rows] == sorted(session.id for session in sessions)
+    assert rows == sorted(await store.list(), key=lambda row: row.id)
+    assert await store.list_page(rows[-1].id) == []
+    assert await store.list_page(rows[1].id, 2) == rows[2:4]
 
 
 def test_a_closed_store_works_again_under_a_new_event_loop(

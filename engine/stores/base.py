@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast, runtime_checkable
 
@@ -92,6 +93,41 @@ class Store(Protocol):
         ...
 
 
+LIST_PAGE = 1000
+"""Rows per page when the engine walks every stored session."""
+
+
+@runtime_checkable
+class PagedListing(Protocol):
+    """A store that lists its sessions a page at a time, in id order.
+
+    Walking 100,000 sessions with ``list()`` holds 100,000 rows at once and starts
+    nothing before the last is read; page by page, memory stays one page and work
+    starts after the first.
+    """
+
+    async def list_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> list[SessionInfo]:
+        """Return up to ``limit`` rows whose ids sort after ``after`` (from the first if None)."""
+        ...
+
+
+async def list_pages(store: Store, limit: int = LIST_PAGE) -> AsyncIterator[list[SessionInfo]]:
+    """Yield every stored session's row, a page at a time where the store can page."""
+    if not isinstance(store, PagedListing):
+        yield await store.list()
+        return
+    after: str | None = None
+    while True:
+        page = await store.list_page(after, limit)
+        if page:
+            yield page
+        if len(page) < limit:
+            return
+        after = page[-1].id
+
+
 def validate_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is a canonical UUIDv4 string, else raise.
 
@@ -127,9 +163,7 @@ def check_fresh(session_id: str, revision: int, stored_revision: int) -> None:
         )
 
 
-def check_durability(
-    durability: str, supported: tuple[str, ...] = ("fsync", "none")
-) -> Durability:
+def check_durability(durability: str, supported: tuple[str, ...] = ("fsync", "none")) -> Durability:
     """Validate a durability mode name against the modes a store ``supported``.
 
     Raises:

@@ -23,7 +23,7 @@ from ..errors import (
     StorageError,
 )
 from ..models import Checkpoint, Event, Session, SessionInfo
-from .base import DEFAULT_LEASE_TTL, Lease, check_fresh, validate_session_id
+from .base import DEFAULT_LEASE_TTL, LIST_PAGE, Lease, check_fresh, validate_session_id
 from .sql import COMPACT_MIN_BYTES, encode_event, rebuild_session
 
 _SESSION = Session.__name__  # record kinds, bound into each sealed record
@@ -244,6 +244,13 @@ class MemoryStore:
     async def list(self) -> builtins.list[SessionInfo]:
         """Return a row per stored session, from its clear fields."""
         return [stored.info.model_copy() for stored in self._sessions.values()]
+
+    async def list_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> builtins.list[SessionInfo]:
+        """Return up to ``limit`` rows whose ids sort after ``after``, in id order."""
+        ids = sorted(i for i in self._sessions if after is None or i > after)[:limit]
+        return [self._sessions[i].info.model_copy() for i in ids]
 
     async def acquire(
         self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
