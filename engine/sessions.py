@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,13 +27,14 @@ from .models import (
     CleanupResult,
     Session,
     SessionContext,
+    SessionInfo,
     SessionMetadata,
     SessionMetrics,
     TtlPolicy,
     to_seconds,
     utcnow,
 )
-from .stores.base import Store, validate_session_id
+from .stores.base import Store, list_pages, validate_session_id
 
 _log = get_logger()
 
@@ -121,7 +122,9 @@ class SessionManager:
         self._start_cleanup()
         if self.max_sessions is not None:
             now = utcnow()
-            live = sum(1 for row in await self.store.list() if not row.is_expired(now))
+            live = 0
+            async for page in list_pages(self.store):
+                live += sum(1 for row in page if not row.is_expired(now))
             if live >= self.max_sessions:
                 raise SessionLimitError(
                     f"cannot create session: {live} unexpired sessions, limit {self.max_sessions}"
@@ -230,27 +233,35 @@ class SessionManager:
         """Remove every expired session; unreadable ones are kept and reported."""
         started = time.perf_counter()
         now = utcnow()
-        cleaned, skipped = 0, {}
-        for row in await self.store.list():
-            if row.problem is not None:
-                skipped[row.id] = row.problem
-            elif row.is_expired(now):
-                # Read it first: a listing may come from clear columns only (SQL stores),
-                # and a session that is damaged, locked by a key, or refreshed since the
-                # listing must not be deleted.
-                try:
-                    session = await self.store.load(row.id)
-                except StorageError as exc:
-                    skipped[row.id] = str(exc)
-                    continue
-                if session is not None and session.is_expired(now):
-                    cleaned += await self.store.delete(row.id)
+        cleaned, skipped = 0, dict[str, str]()
+        async for page in list_pages(self.store):  # keyset pages: deleting cannot shift them
+            for row in page:
+                cleaned += await self._clean(row, now, skipped)
         result = CleanupResult(
             cleaned_sessions=cleaned, duration=time.perf_counter() - started, skipped=skipped
         )
         if cleaned or skipped:
             _log.info("cleanup.done", cleaned=cleaned, skipped=len(skipped))
         return result
+
+    async def _clean(self, row: SessionInfo, now: datetime, skipped: dict[str, str]) -> int:
+        """Delete the row's session if it is expired; return how many were deleted (0 or 1)."""
+        if row.problem is not None:
+            skipped[row.id] = row.problem
+            return 0
+        if not row.is_expired(now):
+            return 0
+        # Read it first: a listing may come from clear columns only (SQL stores), and a
+        # session that is damaged, locked by a key, or refreshed since the listing must
+        # not be deleted.
+        try:
+            session = await self.store.load(row.id)
+        except StorageError as exc:
+            skipped[row.id] = str(exc)
+            return 0
+        if session is None or not session.is_expired(now):
+            return 0
+        return int(await self.store.delete(row.id))
 
     async def collect_metrics(self) -> SessionMetrics:
         """Count sessions, active sessions, average duration and tool usage."""
@@ -259,16 +270,17 @@ class SessionManager:
         durations: list[float] = []
         tools: Counter[str] = Counter()
         statuses: Counter[str] = Counter()
-        for row in await self.store.list():
-            session = None if row.problem else await self.store.load(row.id)
-            if session is None:
-                unreadable += 1
-                continue
-            total += 1
-            active += not session.is_expired(now)
-            statuses[session.status] += 1
-            durations.append((session.last_activity - session.created_at).total_seconds())
-            tools.update(result.name for result in session.tool_history)
+        async for page in list_pages(self.store):
+            for row in page:
+                session = None if row.problem else await self.store.load(row.id)
+                if session is None:
+                    unreadable += 1
+                    continue
+                total += 1
+                active += not session.is_expired(now)
+                statuses[session.status] += 1
+                durations.append((session.last_activity - session.created_at).total_seconds())
+                tools.update(result.name for result in session.tool_history)
         return SessionMetrics(
             total_sessions=total,
             active_sessions=active,
