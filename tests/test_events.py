@@ -4,7 +4,8 @@ A waiting session is ``waiting``, holds no lease, and goes on when its event com
 or its time is up, on the runner that waited, on the one the event was sent
 through, or through ``resume``/``resume_all`` anywhere. Events sent before the wait
 are kept. Restarts by SIGKILL in the middle of a wait and a sleep are in
-test_workflow_crash.py; ``stepvault send`` is exercised there and below.
+test_workflow_crash.py; ``stepvault send`` is exercised there and below, including
+to a session a runner in another process is running (the file store's inbox).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -303,20 +306,35 @@ async def test_a_runner_waiting_on_a_deadline_wakes_by_itself(stores: Stores) ->
         assert await runner.run(wf, 1) == "timed out"
 
 
+class LeaseOnly:
+    """A real store without ``post_event``: it takes events only under the session's lease.
+
+    Every store in the package is an ``EventInbox``; this stands for one that is not.
+    """
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "post_event":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
 async def test_sending_to_a_session_busy_elsewhere_is_refused_and_changes_nothing(
     stores: Stores,
 ) -> None:
-    if isinstance(stores.open(), EventInbox):
-        pytest.skip("this store takes events without the lease (tests/test_event_delivery.py)")
     gate = Gate()
     wf = _approval(Counter(), gate)
-    async with Runner(stores.open(), [wf], **FAST) as runner:
+    store = LeaseOnly(stores.open())
+    assert not isinstance(store, EventInbox)
+    async with Runner(store, [wf], **FAST) as runner:  # type: ignore[arg-type]
         sid = await runner.start(wf, "memo")
         await asyncio.wait_for(gate.reached.wait(), 10)
         before = await stores.load(sid)
 
         # When another runner (another process, for the file store) sends an event
-        other = Runner(stores.open(), **FAST)  # not closed: it would close a shared store
+        other = Runner(LeaseOnly(stores.open()), **FAST)  # type: ignore[arg-type]  # not closed
         with pytest.raises(SessionBusyError, match="takes events only with"):
             await other.send_event(sid, "approval", {"approved": True, "by": "x"})
 
@@ -573,3 +591,163 @@ def test_the_approval_example_waits_for_stepvault_send(tmp_path: Path) -> None:
     assert run.returncode == 0, err
     payment = json.loads(out)["output"]
     assert (payment["status"], payment["decided_by"], payment["settled"]) == ("paid", "lee", True)
+
+
+# -- another process runs the session (the file store's inbox) -----------------------------
+
+WORKER = Path(__file__).with_name("inbox_worker.py")
+PROCESS_DEADLINE = 60.0
+"""Seconds a runner process may take to reach a point: a hang, not slowness."""
+
+
+class RunnerProcess:
+    """``inbox_worker.py`` running one session on a FileStore, its output in a log file."""
+
+    def __init__(self, folder: Path, session_id: str) -> None:
+        self.folder = folder
+        self.session_id = session_id
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.log = folder / "runner.log"
+
+    @property
+    def store(self) -> Path:
+        return self.folder / "sessions"
+
+    def spawn(self, mode: str) -> None:
+        self.log = self.folder / f"runner-{mode}.log"
+        with self.log.open("wb") as out:
+            args = [str(WORKER), str(self.store), mode, self.session_id]
+            self.process = subprocess.Popen(
+                [sys.executable, *args], stdin=subprocess.PIPE, stdout=out, stderr=out
+            )
+        self.started.append(self.process)
+
+    def go_on(self) -> None:
+        """Let the step past the point it holds the session at."""
+        assert self.process is not None
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"go\n")
+        self.process.stdin.flush()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    async def until_printed(self, word: str) -> str:
+        """Poll the log until a line starts with ``word``; fail if the process ends first."""
+        assert self.process is not None
+        deadline = time.monotonic() + PROCESS_DEADLINE
+        while True:
+            lines = [line for line in self.output().splitlines() if line.startswith(word)]
+            if lines:
+                return lines[0]
+            code = self.process.poll()
+            assert code is None or lines, f"the runner exited {code}:\n{self.output()}"
+            assert time.monotonic() < deadline, f"no {word!r} in {PROCESS_DEADLINE}s"
+            await asyncio.sleep(0.02)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        assert self.process.wait(timeout=PROCESS_DEADLINE) == -signal.SIGKILL
+
+    def stop(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            if process.stdin is not None:
+                process.stdin.close()
+
+
+@pytest.fixture
+def runner_process(tmp_path: Path) -> Iterator[RunnerProcess]:
+    started = RunnerProcess(tmp_path, str(uuid.uuid4()))
+    yield started
+    started.stop()
+
+
+async def _held_elsewhere(store_dir: Path, session_id: str) -> bool:
+    store = FileStore(store_dir)
+    try:
+        lease = await store.acquire(session_id, "probe")
+        if lease is not None:
+            await store.release(lease)
+        return lease is None
+    finally:
+        await store.close()
+
+
+async def _load_once(store_dir: Path, session_id: str) -> Any:
+    store = FileStore(store_dir)
+    try:
+        return await store.load(session_id)
+    finally:
+        await store.close()
+
+
+async def test_stepvault_send_reaches_a_step_another_process_is_running(
+    runner_process: RunnerProcess,
+) -> None:
+    # Given a runner process in the middle of the step that will wait, holding the session
+    runner_process.spawn("start")
+    await runner_process.until_printed("reached")
+    sid, store = runner_process.session_id, runner_process.store
+    assert await _held_elsewhere(store, sid)
+
+    # When `stepvault send` sends the event from a third process
+    sent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "send",
+        sid,
+        "approval",
+        "--payload",
+        '{"by": "ops"}',
+        "--store",
+        str(store),
+        env=_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(sent.communicate(), PROCESS_DEADLINE)
+    assert sent.returncode == 0, err.decode()
+    assert "sent event 'approval'" in err.decode()
+
+    # Then it is stored at once, numbered 1, while the runner still runs the step
+    stored = await _load_once(store, sid)
+    assert stored.status == "running"
+    assert [(e.seq, e.name, e.payload) for e in stored.inbox] == [(1, "approval", {"by": "ops"})]
+    assert await _held_elsewhere(store, sid)
+
+    # And the step takes it once it reaches its wait: the workflow finishes
+    runner_process.go_on()
+    assert await runner_process.until_printed("done") == "done memo-approved-by-ops"
+    done = await _load_once(store, sid)
+    assert (done.status, done.inbox, done.inbox_seq) == ("completed", [], 1)
+    taken = [(r.name, r.output) for r in done.tool_history if r.kind == "event"]
+    assert taken == [("approval", {"by": "ops"})]
+
+
+async def test_an_event_posted_before_its_runner_is_killed_is_taken_after_a_restart(
+    runner_process: RunnerProcess,
+) -> None:
+    # Given a runner process holding the session in the step before its wait
+    runner_process.spawn("start")
+    await runner_process.until_printed("reached")
+    sid, store = runner_process.session_id, runner_process.store
+
+    # When this process sends the event through a runner of its own (no SessionBusyError),
+    # and the runner process is then killed before its step took it
+    async with Runner(FileStore(store), cleanup_interval=None) as sender:
+        await sender.send_event(sid, "approval", {"by": "eve"})
+    runner_process.kill()
+    assert [e.payload for e in (await _load_once(store, sid)).inbox] == [{"by": "eve"}]
+
+    # Then a new runner process resumes the session, and its step takes the event
+    runner_process.spawn("wait")
+    runner_process.go_on()
+    assert await runner_process.until_printed("done") == "done memo-approved-by-eve"
+    done = await _load_once(store, sid)
+    assert (done.status, done.inbox, done.inbox_seq) == ("completed", [], 1)

@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +34,7 @@ from engine import (
     ToolResult,
     codec,
 )
-from engine.models import utcnow
+from engine.models import Event, utcnow
 
 MakeSession = Callable[..., Session]
 MakeFileStore = Callable[..., FileStore]
@@ -109,6 +110,10 @@ def write(path: Path, data: bytes) -> None:
 
 def flip(data: bytes, offset: int, mask: int = 0xFF) -> bytes:
     return data[:offset] + bytes([data[offset] ^ mask]) + data[offset + 1 :]
+
+
+def an_event() -> Event:
+    return Event(id=str(uuid.uuid4()), name="approval", sent_at=utcnow())
 
 
 def frames(path: Path) -> list[codec.Frame]:
@@ -217,8 +222,10 @@ async def test_files_are_0600_and_folders_0700_even_with_umask_zero(
         await commit(store, lease, kept, step_checkpoint(kept, 0, size=4000))  # compacts
         await commit(store, lease, kept, step_checkpoint(kept, 1))  # a fresh journal record
         await store.release(lease)
+        await store.post_event(kept.id, an_event())  # the inbox and its lock
         loaded = await store.load(kept.id)
         assert loaded is not None
+        loaded.inbox_seq = 1  # absorbs it: the save rewrites the inbox through inbox.tmp
         await store.save(loaded)
         doomed = make_session()
         await store.create(doomed)
@@ -236,6 +243,8 @@ async def test_files_are_0600_and_folders_0700_even_with_umask_zero(
         f"{kept.id}/snapshot",
         f"{kept.id}/journal",
         f"{kept.id}/lock",
+        f"{kept.id}/inbox",
+        f"{kept.id}/inbox.lock",
     }
     wrong = {
         name: oct(mode)

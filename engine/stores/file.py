@@ -6,6 +6,10 @@ fsync), ``journal`` (framed checkpoints appended after that revision, each made
 durable with fdatasync before ``commit`` returns) and ``lock`` (an ``flock`` held
 by the runner that owns the session, released by the kernel if it dies).
 
+Events posted without the lease (``engine.events.EventInbox``) go to the
+folder's ``inbox`` file under an ``inbox.lock`` of their own (``file_inbox``), so a
+runner holding ``lock`` in another process does not keep them out.
+
 A checkpoint costs one append and one fdatasync, whatever the session's history.
 The journal is folded into a new snapshot once it outgrows the snapshot, which
 keeps loading bounded while the copying stays amortised constant per byte.
@@ -45,7 +49,8 @@ from ..errors import (
     StorageError,
 )
 from ..log import get_logger
-from ..models import Checkpoint, Session, SessionInfo
+from ..models import Checkpoint, Event, Session, SessionInfo
+from . import file_inbox
 from .base import (
     DEFAULT_LEASE_TTL,
     Durability,
@@ -54,6 +59,7 @@ from .base import (
     check_fresh,
     validate_session_id,
 )
+from .file_inbox import INBOX
 from .file_keys import KeyFiles
 from .fsutil import O_CLOEXEC, private_folder, read_file, sync_folder, write_all
 
@@ -102,6 +108,9 @@ class FileStore:
             several sessions at once, commits go to worker threads so their syncs
             overlap. False always uses a worker thread (the loop never waits on
             the disk).
+
+    It takes events without the lease (``engine.events.EventInbox``): ``post_event``
+    appends to the session's ``inbox`` file, whoever runs the session.
     """
 
     def __init__(
@@ -160,14 +169,31 @@ class FileStore:
             raise LeaseLostError(f"session {session_id}: this lease is not the one held here")
         what = f"checkpoint {checkpoint.revision} of session {session_id}"
         body = codec.dump_json(checkpoint, what)
+        absorbs = checkpoint.inbox_seq
         if self.inline_commits and len(self._locks) == 1:
             try:
-                self._commit_sync(session_id, body, checkpoint.revision)
+                self._commit_sync(session_id, body, checkpoint.revision, absorbs)
             except OSError as exc:
                 raise StorageError(f"file store {self.path}: {exc}") from exc
             await asyncio.sleep(0)  # let the loop's other tasks run between checkpoints
             return
-        await self._run(self._commit_sync, session_id, body, checkpoint.revision)
+        await self._run(self._commit_sync, session_id, body, checkpoint.revision, absorbs)
+
+    async def post_event(self, session_id: str, event: Event) -> int:
+        """Append ``event`` to the session's inbox file without the lease; return its number.
+
+        Posting an ``event.id`` the session holds, or its inbox still holds, returns
+        its number again. Durable once this returns, whoever runs the session.
+
+        Raises:
+            SessionNotFoundError: no such session.
+            SerializationError: the payload is not JSON.
+            CorruptSessionError, DecryptionError: the session cannot be read.
+        """
+        validate_session_id(session_id)
+        what = f"event {event.name!r} of session {session_id}"
+        codec.dump_json(event, what)  # refused before a number or a file is used
+        return await self._run(self._post_sync, session_id, event, what)
 
     async def delete(self, session_id: str) -> bool:
         """Remove a session's folder; return whether it existed."""
@@ -332,8 +358,32 @@ class FileStore:
         self._sync_dir(root)
 
     def _load_sync(self, session_id: str) -> Session | None:
-        found = self._read_session(session_id)
-        return None if found is None else found[0]
+        """Read the session, then add the events posted past its ``inbox_seq``."""
+        previous: bytes | None = None
+        for _ in range(READ_ATTEMPTS):
+            folder = self._session_dir(session_id)
+            if folder is None:
+                return None
+            # The inbox is read first: an event dropped from it after this read was
+            # absorbed by a checkpoint that the session read next already holds.
+            posted = file_inbox.read(folder)
+            found = self._read_session(session_id)
+            if found is None:
+                return None
+            session = found[0]
+            try:
+                events = file_inbox.decode(
+                    posted, folder / INBOX, self._keys(session_id), above=session.inbox_seq
+                ).events
+            except (CorruptSessionError, DecryptionError):
+                if previous == posted:  # the same bytes twice: real damage, not a rewrite
+                    raise
+                previous = posted
+                self._forget_keys(session_id)  # rekeyed since its keys were cached?
+                continue
+            file_inbox.merge(session, events)
+            return session
+        raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
 
     def _read_session(self, session_id: str) -> tuple[Session, _Tail] | None:
         """Read a consistent view of a session, even while another process writes it.
@@ -470,7 +520,9 @@ class FileStore:
         sync_folder(folder)
         sync_folder(self._root())
 
-    def _commit_sync(self, session_id: str, body: bytes, revision: int) -> None:
+    def _commit_sync(
+        self, session_id: str, body: bytes, revision: int, absorbs: int | None = None
+    ) -> None:
         tail = self._tail(session_id)
         frame = codec.seal_frame(revision, _CHECKPOINT, body, self._keys(session_id))
         folder = self._root() / session_id
@@ -510,6 +562,10 @@ class FileStore:
         tail.revision = revision
         if tail.end > max(self.compact_bytes, tail.snapshot_size):
             self._compact_quietly(session_id)
+        elif absorbs is not None and file_inbox.size(folder) > max(
+            self.compact_bytes, tail.snapshot_size
+        ):
+            self._compact_inbox_quietly(folder, session_id, absorbs)
 
     def _compact_quietly(self, session_id: str) -> None:
         """Fold the journal into the snapshot; a failure here loses nothing committed."""
@@ -522,8 +578,34 @@ class FileStore:
                     session.revision, session, f"session {session_id}", self._keys(session_id)
                 )
                 self._replace_whole(folder, frame, session)
+                self._compact_inbox(folder, session_id, session.inbox_seq)
         except (OSError, EngineError) as exc:
             self._tails.pop(session_id, None)
+            _log.warning("compaction.failed", session_id=session_id, error=str(exc))
+
+    def _compact_inbox(
+        self, folder: Path, session_id: str, absorbed: int, *, reseal: bool = False
+    ) -> None:
+        """Drop the posted events numbered ``absorbed`` or less: the session holds them.
+
+        Only once a durable checkpoint (or snapshot) says so. With ``reseal``, every
+        record left is sealed again under the session's current keys (a rekey).
+        """
+        if file_inbox.size(folder) == 0:
+            return
+        keys = self._keys(session_id)
+        with file_inbox.locked(folder, session_id):
+            data = file_inbox.read(folder)
+            posted = file_inbox.decode(data, folder / INBOX, keys, above=absorbed)
+            if posted.absorbed or reseal or posted.end != posted.size:
+                rewritten = file_inbox.rewritten(posted, keys, session_id)
+                file_inbox.replace(folder, rewritten, sync=self.durability == "fsync")
+
+    def _compact_inbox_quietly(self, folder: Path, session_id: str, absorbed: int) -> None:
+        """Drop absorbed events; a failure loses nothing (loads skip them anyway)."""
+        try:
+            self._compact_inbox(folder, session_id, absorbed)
+        except (OSError, EngineError) as exc:
             _log.warning("compaction.failed", session_id=session_id, error=str(exc))
 
     def _replace_whole(self, folder: Path, frame: bytes, session: Session) -> None:
@@ -555,8 +637,33 @@ class FileStore:
             check_fresh(saved.id, saved.revision - 1, self._tail(saved.id).revision)
             frame = codec.seal_frame(saved.revision, _SESSION, body, self._keys(saved.id))
             self._replace_whole(folder, frame, saved)
+            self._compact_inbox_quietly(folder, saved.id, saved.inbox_seq)
         finally:
             self._unlock(saved.id)
+
+    def _post_sync(self, session_id: str, event: Event, what: str) -> int:
+        folder = self._session_dir(session_id)
+        if folder is None:
+            raise SessionNotFoundError(f"session {session_id} not found")
+        with file_inbox.locked(folder, session_id):
+            # Fresh keys: a rekey in another process may have replaced them, and a
+            # record sealed under a dropped key could never be read again.
+            self._forget_keys(session_id)
+            # The session's inbox and inbox_seq decide the number: a checkpoint may have
+            # absorbed events whose records a power cut then took from the file.
+            found = self._read_session(session_id)
+            if found is None:
+                raise SessionNotFoundError(f"session {session_id} not found")
+            keys = self._keys(session_id)
+            posted = file_inbox.decode(file_inbox.read(folder), folder / INBOX, keys)
+            number, new = file_inbox.number_for(event, found[0], posted)
+            sync = self.durability == "fsync"
+            if new:
+                record = file_inbox.event_record(event, number, what, keys)
+                file_inbox.append(folder, record, posted.end, sync=sync)
+            elif sync:
+                file_inbox.make_durable(folder)  # a retry: the first post may have died unsynced
+            return number
 
     def _delete_sync(self, session_id: str) -> bool:
         folder = self._session_dir(session_id)
@@ -588,8 +695,11 @@ class FileStore:
         return self._delete_sync(session_id)
 
     def _check_sync(self, session_id: str) -> codec.SessionCheck:
+        folder = self._root() / session_id
         try:
             found = self._read_session(session_id)
+            keys = self._keys(session_id)
+            posted = file_inbox.decode(file_inbox.read(folder), folder / INBOX, keys)
         except DecryptionError as exc:
             return codec.SessionCheck(session_id, "undecryptable", str(exc))
         except CorruptSessionError as exc:
@@ -598,19 +708,13 @@ class FileStore:
             return codec.SessionCheck(session_id, "unreadable", str(exc))
         if found is None:
             raise SessionNotFoundError(f"session {session_id} not found")
-        journal = self._root() / session_id / JOURNAL
-        size = journal.lstat().st_size if journal.exists() else 0
-        end = found[1].end
-        if size > end:
-            return codec.SessionCheck(
-                session_id,
-                "torn tail",
-                f"{journal}: {size - end} bytes after the last complete record (offset "
-                f"{end}): an interrupted append, never acknowledged; the next checkpoint "
-                "cuts it off",
-            )
-        sealed = self._keys(session_id) is not None
-        return codec.SessionCheck(session_id, "ok", "encrypted" if sealed else "in clear")
+        journal = folder / JOURNAL
+        torn = _torn_tail(
+            session_id, journal, journal.lstat().st_size if journal.exists() else 0, found[1].end
+        ) or _torn_tail(session_id, folder / INBOX, posted.size, posted.end)
+        if torn is not None:
+            return torn
+        return codec.SessionCheck(session_id, "ok", "encrypted" if keys is not None else "in clear")
 
     def _quarantine_sync(self, session_id: str) -> str:
         check = self._check_sync(session_id)
@@ -647,6 +751,8 @@ class FileStore:
             if found is None:
                 raise SessionNotFoundError(f"session {session_id} not found")
             session, folder = found[0], self._root() / session_id
+            # The inbox too: unreadable, raise and rewrite nothing.
+            file_inbox.decode(file_inbox.read(folder), folder / INBOX, self._keys(session_id))
             in_use, clear_in_use = _keys_in_use(folder)
             # 1. the new data key joins the ones the records still use ...
             keys, record = encryption.begin_rekey(
@@ -659,6 +765,9 @@ class FileStore:
             self._replace_whole(
                 folder, codec.encode_model(session.revision, session, what, keys), session
             )
+            # Posted events too, numbers kept (a sender posting meanwhile reads the new
+            # key record, so it seals under the new key as well) ...
+            self._compact_inbox(folder, session_id, session.inbox_seq, reseal=True)
             # 3. ... and only then are the old keys dropped.
             keys, record = encryption.finish_rekey(session_id, keys)
             self._vault.put_key(session_id, record)
@@ -734,6 +843,19 @@ def _record_holder(fd: int, owner: str) -> int:
     return takeovers
 
 
+def _torn_tail(session_id: str, path: Path, size: int, end: int) -> codec.SessionCheck | None:
+    """Report the bytes after a file's last complete record: an append never acknowledged."""
+    if size <= end:
+        return None
+    cut_by = "next event posted" if path.name == INBOX else "next checkpoint"
+    return codec.SessionCheck(
+        session_id,
+        "torn tail",
+        f"{path}: {size - end} bytes after the last complete record (offset {end}): an "
+        f"interrupted append, never acknowledged; the {cut_by} cuts it off",
+    )
+
+
 def _sealed(snapshot: Path) -> bool:
     """Tell whether a snapshot's record is encrypted (its header alone says so)."""
     head = read_file(snapshot, codec.HEADER_SIZE) or b""
@@ -746,7 +868,7 @@ def _keys_in_use(folder: Path) -> tuple[set[str], bool]:
     journal = codec.scan_frames(read_file(folder / JOURNAL) or b"", str(folder / JOURNAL))
     revision = snapshot.frames[0].seq if snapshot.frames else 0
     live = snapshot.frames + [frame for frame in journal.frames if frame.seq > revision]
-    ids = {codec.frame_key_id(frame) for frame in live}
+    ids = {codec.frame_key_id(frame) for frame in live} | file_inbox.key_ids(folder)
     return {key_id for key_id in ids if key_id is not None}, None in ids
 
 
