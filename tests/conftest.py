@@ -3,7 +3,7 @@
 Fixtures only; test modules import nothing else from here.
 
 - ``store``: one store of each kind (the contract suite runs once per kind):
-  memory, file, sqlite and postgres.
+  memory, file, sqlite, sqlite-batch (``durability="batch"``) and postgres.
 - ``make_store``: a factory for more stores of the same kind; for ``file``,
   ``sqlite`` and ``postgres`` they share one folder, database file or schema (a
   second process's view), for ``memory`` each is a new store.
@@ -38,8 +38,8 @@ from engine import log as engine_log
 from engine.models import utcnow
 from engine.stores import PostgresStore, SQLiteStore
 
-STORE_KINDS = ["memory", "file", "sqlite", "postgres"]
-EXPIRING_LEASES = {"sqlite", "postgres"}
+STORE_KINDS = ["memory", "file", "sqlite", "sqlite-batch", "postgres"]
+EXPIRING_LEASES = {"sqlite", "sqlite-batch", "postgres"}
 PG_SERVER = os.environ.get("STEPVAULT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("STEPVAULT_REQUIRE_PG") == "1"
 _pg_problem: list[str] = []  # why the server cannot be used, once known ("" if it can)
@@ -106,7 +106,7 @@ def store_url(store_kind: str, store_path: Path, request: pytest.FixtureRequest)
     """The URL another process opens this test's sessions with; None for memory."""
     if store_kind == "file":
         return str(store_path)
-    if store_kind == "sqlite":
+    if store_kind in ("sqlite", "sqlite-batch"):
         return f"sqlite:///{store_path.with_suffix('.db')}"
     if store_kind == "postgres":
         url: str = request.getfixturevalue("postgres_url")
@@ -124,12 +124,12 @@ async def make_store(store_kind: str, store_url: str | None) -> AsyncIterator[Ca
 
     def make(**options: Any) -> Store:
         new: Store
-        options = {"durability": "fsync", **options}
+        options = {"durability": "batch" if store_kind == "sqlite-batch" else "fsync", **options}
         if store_kind == "memory" or store_url is None:
             new = MemoryStore()
         elif store_kind == "file":
             new = FileStore(store_url, **options)
-        elif store_kind == "sqlite":
+        elif store_kind in ("sqlite", "sqlite-batch"):
             new = SQLiteStore(store_url.removeprefix("sqlite:///"), **options)
         else:
             new = PostgresStore(store_url, **options)

@@ -40,9 +40,7 @@ import asyncio
 import builtins
 import contextlib
 import re
-import urllib.parse
-from collections.abc import Iterator
-from types import ModuleType
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from .. import codec
@@ -59,6 +57,7 @@ from ..errors import (
 )
 from ..log import get_logger
 from ..models import Checkpoint, Event, Session, SessionInfo
+from . import postgres_security as security
 from .base import (
     DEFAULT_LEASE_TTL,
     Durability,
@@ -67,260 +66,31 @@ from .base import (
     check_fresh,
     validate_session_id,
 )
+from .postgres_sql import (
+    DEFAULT_SCHEMA,
+    SCHEMA_VERSION,
+    STATEMENTS,
+    driver,
+    migrate,
+    split_schema,
+    where,
+)
 from .sql import (
     COMPACT_MIN_BYTES,
-    Rekeyed,
-    decode_events,
     encode_event,
     failed_check,
-    in_clear,
     missing_key,
     not_corrupt,
     open_records,
     passed_check,
     rebuild_session,
     refuse_commit,
-    rekeyed,
-    sealed_record,
     unwrap,
 )
 
-SCHEMA_VERSION = 3
-DEFAULT_SCHEMA = "stepvault"
 _log = get_logger()
-
-_MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE {s}.sessions (
-        id uuid PRIMARY KEY,
-        status text NOT NULL,
-        workflow text,
-        created_at timestamptz NOT NULL,
-        last_activity timestamptz NOT NULL,
-        expires_at timestamptz NOT NULL,
-        steps_done integer NOT NULL,
-        revision bigint NOT NULL,
-        snapshot bytea NOT NULL,
-        snapshot_revision bigint NOT NULL,
-        snapshot_bytes bigint NOT NULL,
-        steps_bytes bigint NOT NULL DEFAULT 0,
-        owner text,
-        lease_expires timestamptz,
-        epoch bigint NOT NULL DEFAULT 0,
-        takeovers integer NOT NULL DEFAULT 0
-    ) WITH (fillfactor = 80);  -- room for the in-place (HOT) updates every commit makes
-    CREATE TABLE {s}.steps (
-        session_id uuid NOT NULL REFERENCES {s}.sessions (id) ON DELETE CASCADE,
-        revision bigint NOT NULL,
-        record bytea NOT NULL,
-        PRIMARY KEY (session_id, revision)
-    );
-    -- One sequence for every epoch: a session deleted and created again never
-    -- hands out an epoch that a lease from its earlier life still carries.
-    CREATE SEQUENCE {s}.lease_epochs;
-    """,
-    # Events posted without the lease. The counter has a table of its own so that
-    # posting never locks the sessions row a runner's commit updates; a session
-    # created by an older stepvault still running gets its row on its first post.
-    2: """
-    CREATE TABLE {s}.inboxes (
-        session_id uuid PRIMARY KEY REFERENCES {s}.sessions (id) ON DELETE CASCADE,
-        last_seq bigint NOT NULL
-    );
-    CREATE TABLE {s}.events (
-        session_id uuid NOT NULL REFERENCES {s}.inboxes (session_id) ON DELETE CASCADE,
-        seq bigint NOT NULL,
-        event_id text NOT NULL,
-        record bytea NOT NULL,
-        PRIMARY KEY (session_id, seq),
-        UNIQUE (session_id, event_id)
-    );
-    INSERT INTO {s}.inboxes (session_id, last_seq) SELECT id, 0 FROM {s}.sessions;
-    """,
-    # Encryption at rest: each session's wrapped data key (and the passphrase salt,
-    # under crypto.SALT_NAME, hence text names), and sessions moved aside as corrupt.
-    3: """
-    CREATE TABLE {s}.session_keys (
-        name text PRIMARY KEY,
-        record bytea NOT NULL
-    );
-    CREATE TABLE {s}.quarantine (
-        session_id uuid NOT NULL,
-        moved_at timestamptz NOT NULL,
-        kind text NOT NULL,
-        seq bigint NOT NULL,
-        record bytea NOT NULL
-    );
-    """,
-}
 _SESSION = Session.__name__  # record kinds, bound into each sealed record
 _CHECKPOINT = Checkpoint.__name__
-
-_SQL = {
-    "migration_lock": "SELECT pg_advisory_xact_lock(hashtext($1))",
-    "migration_start": """
-        CREATE SCHEMA IF NOT EXISTS {s};
-        CREATE TABLE IF NOT EXISTS {s}.schema_version (version integer NOT NULL)""",
-    "migration_version": "SELECT coalesce(max(version), 0) FROM {s}.schema_version",
-    "migration_done": "INSERT INTO {s}.schema_version VALUES ($1)",
-    # The key row ($11, NULL in clear) is written only with the session: a row left
-    # under this id without a session (it cannot be its) is replaced or removed.
-    "create": """
-        WITH made AS (
-            INSERT INTO {s}.sessions (id, status, workflow, created_at, last_activity,
-                expires_at, steps_done, revision, snapshot, snapshot_revision, snapshot_bytes)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $8, length($9::bytea))
-            ON CONFLICT (id) DO NOTHING
-            RETURNING id
-        ), keyed AS (
-            INSERT INTO {s}.session_keys (name, record)
-            SELECT id::text, $11::bytea FROM made WHERE $11::bytea IS NOT NULL
-            ON CONFLICT (name) DO UPDATE SET record = excluded.record
-        ), unkeyed AS (
-            DELETE FROM {s}.session_keys
-            WHERE name IN (SELECT id::text FROM made) AND $11::bytea IS NULL
-        )
-        INSERT INTO {s}.inboxes (session_id, last_seq) SELECT id, $10 FROM made""",
-    # One statement, so the snapshot, the steps after it and the posted events
-    # come from one snapshot.
-    "load": """
-        SELECT s.snapshot, s.snapshot_revision, st.revisions, st.records, ev.seqs, ev.events,
-            (SELECT record FROM {s}.session_keys WHERE name = s.id::text) AS key_record
-        FROM {s}.sessions AS s CROSS JOIN LATERAL (
-            SELECT array_agg(revision ORDER BY revision) AS revisions,
-                   array_agg(record ORDER BY revision) AS records
-            FROM {s}.steps WHERE session_id = s.id AND revision > s.snapshot_revision
-        ) AS st CROSS JOIN LATERAL (
-            SELECT array_agg(seq ORDER BY seq) AS seqs, array_agg(record ORDER BY seq) AS events
-            FROM {s}.events WHERE session_id = s.id
-        ) AS ev
-        WHERE s.id = $1""",
-    # A lease that ran out is void once the session is replaced: the owner is cleared.
-    "save": """
-        WITH saved AS (
-            UPDATE {s}.sessions SET status = $2, workflow = $3, last_activity = $4,
-                expires_at = $5, steps_done = $6, revision = $7, snapshot = $8,
-                snapshot_revision = $7, snapshot_bytes = length($8::bytea), steps_bytes = 0,
-                owner = NULL, lease_expires = NULL
-            WHERE id = $1 AND revision = $7 - 1 AND (owner IS NULL OR lease_expires <= now())
-            RETURNING id
-        ), dropped AS (
-            DELETE FROM {s}.steps WHERE session_id IN (SELECT id FROM saved)
-        ), absorbed AS (
-            DELETE FROM {s}.events WHERE session_id IN (SELECT id FROM saved) AND seq <= $9
-        )
-        SELECT count(*) FROM saved""",
-    "why_not_saved": """
-        SELECT revision, owner IS NOT NULL AND lease_expires > now() AS busy
-        FROM {s}.sessions WHERE id = $1""",
-    # $11: whether the record is sealed; it must be exactly when the session has a key.
-    "commit": """
-        WITH fenced AS (
-            UPDATE {s}.sessions AS ses SET status = $5, last_activity = $6, expires_at = $7,
-                steps_done = steps_done + $8, revision = $4,
-                steps_bytes = steps_bytes + length($9::bytea)
-            WHERE id = $1 AND owner = $2 AND epoch = $3 AND revision = $4 - 1
-                AND EXISTS (SELECT 1 FROM {s}.session_keys WHERE name = ses.id::text) = $11
-            RETURNING id, snapshot_bytes, steps_bytes
-        ), added AS (
-            INSERT INTO {s}.steps (session_id, revision, record) SELECT id, $4, $9 FROM fenced
-        ), absorbed AS (
-            -- $10 (the checkpoint's inbox_seq) is NULL when it absorbs no event
-            DELETE FROM {s}.events WHERE session_id IN (SELECT id FROM fenced) AND seq <= $10
-        )
-        SELECT snapshot_bytes, steps_bytes FROM fenced""",
-    "why_not_committed": """
-        SELECT owner, epoch, revision,
-            (SELECT record FROM {s}.session_keys WHERE name = ses.id::text) AS key_record
-        FROM {s}.sessions AS ses WHERE id = $1""",
-    "compact": """
-        WITH folded AS (
-            UPDATE {s}.sessions SET snapshot = $2, snapshot_revision = $3,
-                snapshot_bytes = length($2::bytea), steps_bytes = 0
-            WHERE id = $1 AND revision = $3
-            RETURNING id
-        )
-        DELETE FROM {s}.steps WHERE session_id IN (SELECT id FROM folded) AND revision <= $3""",
-    # Posting, in one transaction: bump the counter (its row stays locked until
-    # commit), then insert the event unless this id is posted already.
-    "inbox_bump": """
-        INSERT INTO {s}.inboxes AS inbox (session_id, last_seq)
-        SELECT id, 1 FROM {s}.sessions WHERE id = $1
-        ON CONFLICT (session_id) DO UPDATE SET last_seq = inbox.last_seq + 1
-        RETURNING last_seq""",
-    # Every earlier post to this session committed before the bump got its lock,
-    # so this statement's snapshot shows a duplicate if there is one.
-    "post": """
-        WITH added AS (
-            INSERT INTO {s}.events (session_id, seq, event_id, record)
-            VALUES ($1, $2, $3, $4)
-            ON CONFLICT (session_id, event_id) DO NOTHING
-            RETURNING seq
-        )
-        SELECT seq, true AS added FROM added
-        UNION ALL
-        SELECT seq, false FROM {s}.events WHERE session_id = $1 AND event_id = $3""",
-    # Steps, inbox and events cascade; the key row goes in the same statement.
-    "delete": """
-        WITH gone AS (DELETE FROM {s}.sessions WHERE id = $1 RETURNING id),
-        unkeyed AS (DELETE FROM {s}.session_keys WHERE name IN (SELECT id::text FROM gone))
-        SELECT count(*) FROM gone""",
-    "key": "SELECT record FROM {s}.session_keys WHERE name = $1",
-    "add_key": """
-        INSERT INTO {s}.session_keys (name, record) VALUES ($1, $2)
-        ON CONFLICT (name) DO NOTHING""",
-    "put_key": """
-        INSERT INTO {s}.session_keys (name, record) VALUES ($1, $2)
-        ON CONFLICT (name) DO UPDATE SET record = excluded.record""",
-    "delete_key": "DELETE FROM {s}.session_keys WHERE name = $1",
-    "lock_session": """
-        SELECT snapshot, owner IS NOT NULL AND lease_expires > now() AS busy
-        FROM {s}.sessions WHERE id = $1 FOR UPDATE""",
-    "lock_inbox": "SELECT last_seq FROM {s}.inboxes WHERE session_id = $1 FOR UPDATE",
-    "rekey": """
-        WITH rewritten AS (
-            UPDATE {s}.sessions SET revision = $2, snapshot = $3, snapshot_revision = $2,
-                snapshot_bytes = length($3::bytea), steps_bytes = 0,
-                owner = NULL, lease_expires = NULL
-            WHERE id = $1
-            RETURNING id
-        )
-        DELETE FROM {s}.steps WHERE session_id IN (SELECT id FROM rewritten)""",
-    "reseal_event": "UPDATE {s}.events SET record = $3 WHERE session_id = $1 AND seq = $2",
-    "quarantine": """
-        INSERT INTO {s}.quarantine (session_id, moved_at, kind, seq, record)
-        SELECT id, $2::timestamptz, 'snapshot', snapshot_revision, snapshot
-        FROM {s}.sessions WHERE id = $1
-        UNION ALL
-        SELECT session_id, $2, 'step', revision, record FROM {s}.steps WHERE session_id = $1
-        UNION ALL
-        SELECT session_id, $2, 'event', seq, record FROM {s}.events WHERE session_id = $1
-        UNION ALL
-        SELECT name::uuid, $2, 'key', 0, record FROM {s}.session_keys WHERE name = $1::text""",
-    "list": """
-        SELECT id::text AS id, status, workflow, created_at, last_activity, expires_at,
-            steps_done
-        FROM {s}.sessions ORDER BY id""",
-    "acquire": """
-        WITH candidate AS (
-            SELECT id, owner FROM {s}.sessions
-            WHERE id = $1 AND (owner IS NULL OR lease_expires <= now())
-            FOR UPDATE SKIP LOCKED
-        )
-        UPDATE {s}.sessions AS held SET owner = $2,
-            lease_expires = now() + make_interval(secs => $3),
-            epoch = nextval('{s}.lease_epochs'),
-            takeovers = held.takeovers + (candidate.owner IS NOT NULL)::int
-        FROM candidate WHERE held.id = candidate.id
-        RETURNING held.epoch, held.takeovers""",
-    "exists": "SELECT true FROM {s}.sessions WHERE id = $1",
-    "renew": """
-        UPDATE {s}.sessions SET lease_expires = now() + make_interval(secs => $4)
-        WHERE id = $1 AND owner = $2 AND epoch = $3""",
-    "release": """
-        UPDATE {s}.sessions SET owner = NULL, lease_expires = NULL, takeovers = 0
-        WHERE id = $1 AND owner = $2 AND epoch = $3""",
-}
 
 
 class PostgresStore:
@@ -334,7 +104,9 @@ class PostgresStore:
         schema: the schema holding stepvault's tables (default ``stepvault``),
             created and migrated on first use.
         durability: ``"fsync"`` (the server's own setting, normally durable at
-            commit) or ``"none"`` (``synchronous_commit=off``, for tests).
+            commit), ``"batch"`` (the same as ``"fsync"``: the server already
+            flushes the log once for the commits of concurrent connections that
+            arrive together) or ``"none"`` (``synchronous_commit=off``, for tests).
         min_connections, max_connections: the connection pool's bounds.
         compact_bytes: step bytes below which no compaction happens.
     """
@@ -350,7 +122,7 @@ class PostgresStore:
         max_connections: int = 10,
         compact_bytes: int = COMPACT_MIN_BYTES,
     ) -> None:
-        self.dsn, from_url = _split_schema(dsn)
+        self.dsn, from_url = split_schema(dsn)
         if schema is not None and from_url is not None and schema != from_url:
             raise InvalidArgumentError(
                 f"schema {schema!r} given twice, differently ({from_url!r} in the URL)"
@@ -365,11 +137,11 @@ class PostgresStore:
                 f"need 1 <= min_connections <= max_connections, got "
                 f"{min_connections} and {max_connections}"
             )
-        self.durability = check_durability(durability)
+        self.durability = check_durability(durability, supported=("fsync", "batch", "none"))
         self.compact_bytes = compact_bytes
         self._encryption = Encryption.of(encryption_key)
         self._pool_bounds = (min_connections, max_connections)
-        self._sql = {name: query.format(s=self.schema) for name, query in _SQL.items()}
+        self._sql = {name: query.format(s=self.schema) for name, query in STATEMENTS.items()}
         self._pool: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Lock | None = None
@@ -377,7 +149,7 @@ class PostgresStore:
 
     def __repr__(self) -> str:
         encrypted = ", encrypted" if self._encryption is not None else ""
-        return f"PostgresStore({_where(self.dsn)!r}, schema={self.schema!r}{encrypted})"
+        return f"PostgresStore({where(self.dsn)!r}, schema={self.schema!r}{encrypted})"
 
     # -- the Store protocol ---------------------------------------------------
 
@@ -474,7 +246,7 @@ class PostgresStore:
         saved = session.model_copy(update={"revision": revision})
         body = codec.dump_json(saved, f"session {session.id}")
         pool = await self._connect()
-        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
+        with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
             async with pool.acquire() as conn:
                 # A rekey between this read and the save bumps the revision: refused.
                 keys = await self._keys(conn, session.id)
@@ -563,7 +335,7 @@ class PostgresStore:
         validate_session_id(session_id)
         pool = await self._connect()
         try:
-            with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
+            with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
                 async with pool.acquire() as conn, conn.transaction():
                     seq = await conn.fetchval(self._sql["inbox_bump"], session_id)
                     if seq is None:
@@ -581,8 +353,7 @@ class PostgresStore:
     async def delete(self, session_id: str) -> bool:
         """Remove a session, its steps and its posted events; return whether it existed."""
         count = await self._call("fetchval", "delete", validate_session_id(session_id))
-        self._held.pop(session_id, None)
-        self._forget_keys(session_id)
+        self._dropped(session_id)
         return bool(count)
 
     async def list(self) -> builtins.list[SessionInfo]:
@@ -650,18 +421,10 @@ class PostgresStore:
             StorageError: the session is stored in clear: there is no key to destroy.
         """
         validate_session_id(session_id)
-        sql = self._sql
-        pool = await self._connect()
-        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
-            async with pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(sql["lock_session"], session_id)
-                destroyed = await conn.execute(sql["delete_key"], session_id) == "DELETE 1"
-                if not destroyed and row is not None and not sealed_record(row["snapshot"]):
-                    in_clear(session_id)  # raises: rolled back, nothing removed
-                existed = bool(await conn.fetchval(sql["delete"], session_id))
-        self._held.pop(session_id, None)
-        self._forget_keys(session_id)
-        return destroyed or existed
+        async with self._transaction() as conn:
+            destroyed = await security.shred(conn, self._sql, session_id)
+        self._dropped(session_id)
+        return destroyed
 
     async def check(self, session_id: str) -> codec.SessionCheck:
         """Decode every live record of the session (checksums, tags); change nothing."""
@@ -681,16 +444,9 @@ class PostgresStore:
         check = await self.check(session_id)
         if check.verdict != "corrupt":
             not_corrupt(check)
-        sql = self._sql
-        pool = await self._connect()
-        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
-            async with pool.acquire() as conn, conn.transaction():
-                moved_at = await conn.fetchval("SELECT now()")
-                # The key goes with the records: they stay readable for repair.
-                await conn.execute(sql["quarantine"], session_id, moved_at)
-                await conn.fetchval(sql["delete"], session_id)
-        self._held.pop(session_id, None)
-        self._forget_keys(session_id)
+        async with self._transaction() as conn:
+            moved_at = await security.quarantine(conn, self._sql, session_id)
+        self._dropped(session_id)
         return (
             f"schema {self.schema} table quarantine, session_id {session_id}, moved_at {moved_at}"
         )
@@ -711,42 +467,17 @@ class PostgresStore:
         encryption = self._encryption
         if encryption is None:
             raise EngineError("rekey needs an encryption key: set SESSION_ENCRYPTION_KEY")
-        sql = self._sql
-        pool = await self._connect()
-        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
-            async with pool.acquire() as conn, conn.transaction():
-                locked = await conn.fetchrow(sql["lock_session"], session_id)
-                if locked is None:
-                    raise SessionNotFoundError(f"session {session_id} not found")
-                if locked["busy"]:
-                    return "busy"
-                await conn.fetchval(sql["lock_inbox"], session_id)  # posts wait for us
-                row = await conn.fetchrow(sql["load"], session_id)
-                key_record = row["key_record"]
-                if key_record is not None and encryption.is_current(session_id, key_record):
-                    return "current"
-                new = await asyncio.to_thread(self._rekeyed, encryption, session_id, row)
-                await conn.execute(sql["rekey"], session_id, new.session.revision, new.snapshot)
-                for seq, record in new.events:
-                    await conn.execute(sql["reseal_event"], session_id, seq, record)
-                await conn.execute(sql["put_key"], session_id, new.key_record)
-        encryption.remember(new.keys)
-        return "rekeyed"
-
-    def _rekeyed(self, encryption: Encryption, session_id: str, row: Any) -> Rekeyed:
-        """Decode a session's rows under its current keys and seal them anew."""
         source = f"postgres {self.schema} session {session_id}"
-        steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
-        events = list(zip(row["seqs"] or (), row["events"] or (), strict=True))
+        async with self._transaction() as conn:
+            outcome, keys = await security.rekey(conn, self._sql, encryption, session_id, source)
+        if keys is not None:
+            encryption.remember(keys)
+        return outcome
 
-        def decode(keys: SessionKeys | None) -> tuple[Session, builtins.list[Event]]:
-            session = rebuild_session(
-                source, session_id, row["snapshot"], row["snapshot_revision"], steps, (), keys
-            )
-            return session, decode_events(source, events, keys)
-
-        session, posted = open_records(encryption, session_id, row["key_record"], decode)
-        return rekeyed(encryption, session, posted)
+    def _dropped(self, session_id: str) -> None:
+        """Forget what this store held of a session just removed: its lease, its keys."""
+        self._held.pop(session_id, None)
+        self._forget_keys(session_id)
 
     def _forget_keys(self, session_id: str) -> None:
         if self._encryption is not None:
@@ -773,10 +504,10 @@ class PostgresStore:
         return self._pool
 
     async def _open_pool(self) -> Any:
-        asyncpg = _asyncpg()
+        asyncpg = driver()
         low, high = self._pool_bounds
         settings = {"synchronous_commit": "off"} if self.durability == "none" else {}
-        with self._errors(f"cannot connect to PostgreSQL at {_where(self.dsn)}"):
+        with self._errors(f"cannot connect to PostgreSQL at {where(self.dsn)}"):
             pool = await asyncpg.create_pool(
                 self.dsn, min_size=low, max_size=high, server_settings=settings
             )
@@ -790,22 +521,8 @@ class PostgresStore:
         return pool
 
     async def _migrate(self, pool: Any) -> None:
-        sql = self._sql
         async with pool.acquire() as conn, conn.transaction():
-            # Concurrent runners starting at once take turns here. The lock is
-            # released at commit, so unlike a session-level advisory lock it is safe
-            # behind PgBouncer's transaction pooling.
-            await conn.execute(sql["migration_lock"], f"stepvault:{self.schema}")
-            await conn.execute(sql["migration_start"])
-            current = await conn.fetchval(sql["migration_version"])
-            if current > SCHEMA_VERSION:
-                raise StorageError(
-                    f"schema {self.schema} is at version {current}, newer than this "
-                    f"stepvault understands ({SCHEMA_VERSION}): upgrade stepvault"
-                )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                await conn.execute(_MIGRATIONS[version].format(s=self.schema))
-                await conn.execute(sql["migration_done"], version)
+            await migrate(conn, self.schema, self._sql)
 
     async def _prepare(self, pool: Any) -> None:
         """Derive the master keys once; a passphrase needs the store's salt, made once."""
@@ -819,13 +536,21 @@ class PostgresStore:
     async def _call(self, method: str, statement: str, *args: Any) -> Any:
         """Run one named statement on a pooled connection (its own transaction)."""
         pool = await self._connect()
-        with self._errors(f"PostgreSQL {_where(self.dsn)} schema {self.schema}"):
+        with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
             return await getattr(pool, method)(self._sql[statement], *args)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        """Yield a pooled connection inside a transaction, committed on leaving."""
+        pool = await self._connect()
+        with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         """Turn the driver's and the network's errors into ``StorageError``."""
-        asyncpg = _asyncpg()
+        asyncpg = driver()
         try:
             yield
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
@@ -838,36 +563,3 @@ class _PostedBefore(Exception):  # noqa: N818  # control flow, never raised to c
     def __init__(self, seq: int) -> None:
         super().__init__(seq)
         self.seq = seq
-
-
-def _asyncpg() -> ModuleType:
-    """Import the optional driver, or say which extra installs it."""
-    try:
-        import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415  # optional dependency
-    except ImportError:
-        raise EngineError(
-            "PostgresStore needs the asyncpg driver: pip install 'stepvault[postgres]'"
-        ) from None
-    module: ModuleType = asyncpg
-    return module
-
-
-def _split_schema(dsn: str) -> tuple[str, str | None]:
-    """Take stepvault's ``schema`` parameter out of a URL (the driver would reject it)."""
-    parts = urllib.parse.urlsplit(dsn)
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    schemas = [value for key, value in query if key == "schema"]
-    if not schemas:
-        return dsn, None
-    rest = urllib.parse.urlencode([(key, value) for key, value in query if key != "schema"])
-    return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[-1]
-
-
-def _where(dsn: str) -> str:
-    """Name a database by host, port and name: never print a URL's password."""
-    parts = urllib.parse.urlsplit(dsn)
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # the driver reports the bad port itself
-        port = ""
-    return f"{parts.hostname or 'localhost'}{port}{parts.path or '/'}"
