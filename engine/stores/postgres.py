@@ -60,6 +60,7 @@ from ..models import Checkpoint, Event, Session, SessionInfo
 from . import postgres_security as security
 from .base import (
     DEFAULT_LEASE_TTL,
+    LIST_PAGE,
     Durability,
     Lease,
     check_durability,
@@ -359,6 +360,15 @@ class PostgresStore:
     async def list(self) -> builtins.list[SessionInfo]:
         """Return a row per session from the clear columns, without decoding snapshots."""
         rows = await self._call("fetch", "list")
+        return [SessionInfo.model_validate(dict(row)) for row in rows]
+
+    async def list_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> builtins.list[SessionInfo]:
+        """Return up to ``limit`` rows whose ids sort after ``after``, in id order."""
+        if after is not None:
+            validate_session_id(after)
+        rows = await self._call("fetch", "list_page", after, limit)
         return [SessionInfo.model_validate(dict(row)) for row in rows]
 
     async def acquire(

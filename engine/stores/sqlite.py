@@ -49,6 +49,7 @@ from ..models import Checkpoint, Event, Session, SessionInfo
 from . import sqlite_security as security
 from .base import (
     DEFAULT_LEASE_TTL,
+    LIST_PAGE,
     Durability,
     Lease,
     check_durability,
@@ -204,6 +205,14 @@ class SQLiteStore:
     async def list(self) -> builtins.list[SessionInfo]:
         """Return a row per session from the clear columns, without decoding snapshots."""
         return await self._run(self._list_sync)
+
+    async def list_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> builtins.list[SessionInfo]:
+        """Return up to ``limit`` rows whose ids sort after ``after``, in id order."""
+        if after is not None:
+            validate_session_id(after)
+        return await self._run(self._list_sync, after or "", limit)
 
     async def acquire(
         self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
@@ -515,10 +524,11 @@ class SQLiteStore:
             raise EngineError("rekey needs an encryption key: set SESSION_ENCRYPTION_KEY")
         return security.rekey(self._conn(), self._vault, self._encryption, session_id, self.path)
 
-    def _list_sync(self) -> builtins.list[SessionInfo]:
+    def _list_sync(self, after: str = "", limit: int = -1) -> builtins.list[SessionInfo]:
         rows = self._conn().execute(
             "SELECT id, status, workflow, created_at, last_activity, expires_at, steps_done"
-            " FROM stepvault_sessions ORDER BY id"
+            " FROM stepvault_sessions WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
         )
         return [SessionInfo.model_validate(dict(zip(_INFO, row, strict=True))) for row in rows]
 
