@@ -3,7 +3,8 @@
 Fixtures only; test modules import nothing else from here.
 
 - ``store``: one store of each kind (the contract suite runs once per kind):
-  memory, file, sqlite, sqlite-batch (``durability="batch"``) and postgres.
+  memory, file, file-batch and sqlite-batch (``durability="batch"``: group commit),
+  sqlite and postgres.
 - ``make_store``: a factory for more stores of the same kind; for ``file``,
   ``sqlite`` and ``postgres`` they share one folder, database file or schema (a
   second process's view), for ``memory`` each is a new store.
@@ -38,7 +39,8 @@ from engine import log as engine_log
 from engine.models import utcnow
 from engine.stores import PostgresStore, SQLiteStore
 
-STORE_KINDS = ["memory", "file", "sqlite", "sqlite-batch", "postgres"]
+STORE_KINDS = ["memory", "file", "file-batch", "sqlite", "sqlite-batch", "postgres"]
+BATCH_KINDS = {"file-batch", "sqlite-batch"}
 EXPIRING_LEASES = {"sqlite", "sqlite-batch", "postgres"}
 PG_SERVER = os.environ.get("STEPVAULT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("STEPVAULT_REQUIRE_PG") == "1"
@@ -104,7 +106,7 @@ async def postgres_url() -> AsyncIterator[str]:
 @pytest.fixture
 def store_url(store_kind: str, store_path: Path, request: pytest.FixtureRequest) -> str | None:
     """The URL another process opens this test's sessions with; None for memory."""
-    if store_kind == "file":
+    if store_kind in ("file", "file-batch"):
         return str(store_path)
     if store_kind in ("sqlite", "sqlite-batch"):
         return f"sqlite:///{store_path.with_suffix('.db')}"
@@ -124,10 +126,10 @@ async def make_store(store_kind: str, store_url: str | None) -> AsyncIterator[Ca
 
     def make(**options: Any) -> Store:
         new: Store
-        options = {"durability": "batch" if store_kind == "sqlite-batch" else "fsync", **options}
+        options = {"durability": "batch" if store_kind in BATCH_KINDS else "fsync", **options}
         if store_kind == "memory" or store_url is None:
             new = MemoryStore()
-        elif store_kind == "file":
+        elif store_kind in ("file", "file-batch"):
             new = FileStore(store_url, **options)
         elif store_kind in ("sqlite", "sqlite-batch"):
             new = SQLiteStore(store_url.removeprefix("sqlite:///"), **options)

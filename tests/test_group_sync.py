@@ -57,9 +57,7 @@ async def test_a_failed_sync_fails_every_waiter_of_its_group(
     group = GroupSync(tmp_path)
     try:
         # When writers wait, Then each is told, naming the store's folder
-        outcomes = await asyncio.gather(
-            *(group.wait() for _ in range(50)), return_exceptions=True
-        )
+        outcomes = await asyncio.gather(*(group.wait() for _ in range(50)), return_exceptions=True)
         assert all(isinstance(o, StorageError) for o in outcomes)
         assert str(tmp_path) in str(outcomes[0])
         assert group.syncs == 0
@@ -80,9 +78,10 @@ async def test_a_cancelled_waiter_does_not_break_the_others(tmp_path: Path) -> N
         group.close()
 
 
-async def test_closed_refuses_new_waiters(tmp_path: Path) -> None:
+async def test_a_wait_after_close_starts_the_thread_again(tmp_path: Path) -> None:
     group = GroupSync(tmp_path)
     await group.wait()
     group.close()
-    with pytest.raises(StorageError, match="closed"):
-        await group.wait()
+    await group.wait()  # a store may be used again after close()
+    assert group.syncs == 2
+    group.close()

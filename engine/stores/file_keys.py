@@ -27,7 +27,7 @@ class KeyFiles:
 
     def __init__(self, folder: Path, durability: Durability) -> None:
         self.folder = folder
-        self._sync = durability == "fsync"
+        self._sync = durability != "none"
 
     def _path(self, name: str) -> Path:
         if name != SALT_NAME:

@@ -83,7 +83,7 @@ class GroupSync:
         self._waiting: list[_Waiter] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._closed = False
+        self._stopping = False
         self.syncs = 0
         """How many syncs ran: with N concurrent writers, far fewer than N writes."""
 
@@ -92,10 +92,9 @@ class GroupSync:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._wake:
-            if self._closed:
-                raise StorageError(f"file store {self.path}: closed while committing")
             self._waiting.append((loop, future))
             if self._thread is None:
+                self._stopping = False
                 self._thread = threading.Thread(
                     target=self._run, name="stepvault-group-sync", daemon=True
                 )
@@ -104,25 +103,28 @@ class GroupSync:
         await future
 
     def close(self) -> None:
-        """Stop the sync thread once the writes already waiting are synced."""
+        """Stop the sync thread once the writes waiting are synced (a later wait restarts it)."""
         with self._wake:
-            self._closed = True
+            self._stopping = True
             self._wake.notify()
             thread = self._thread
         if thread is not None:
             thread.join()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._wake:
+            if self._thread is thread:
+                self._thread = None
+            if self._fd is not None and self._thread is None:
+                os.close(self._fd)
+                self._fd = None
 
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._stopping:
                     self._wake.wait()
                 batch, self._waiting = self._waiting, []
                 if not batch:
-                    return  # closed, and nobody waits
+                    return  # stopping, and nobody waits
             error = self._sync()
             by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
             for loop, future in batch:
