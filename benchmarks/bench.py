@@ -119,21 +119,75 @@ def versions() -> dict[str, str]:
     return found
 
 
-def table(rows: list[dict[str, Any]], floor: dict[int, float], base: dict[int, float]) -> str:
-    """Render the loop figures as a Markdown table."""
+FLOOR_OF = {
+    "stepvault sqlite": "floor sqlite (one commit)",
+    "floor sqlite (one commit)": "floor sqlite (one commit)",
+    "stepvault postgres": "floor postgres (one commit)",
+    "floor postgres (one commit)": "floor postgres (one commit)",
+}
+"""Each SQL store is compared with its own database's commit; the rest with the file floor."""
+FILE_FLOOR = "floor (append+fdatasync)"
+
+
+def table(rows: list[dict[str, Any]], floors: dict[tuple[str, int], float]) -> str:
+    """Render the loop figures as a Markdown table; ``floors`` by (floor engine, N)."""
     lines = [
-        "| engine | N | ms/step (median) | min-max | overhead vs no engine | x floor "
+        "| engine | N | ms/step (median) | min-max | overhead vs no engine | x its floor "
         "| bytes/step |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        overhead = row["per_step_ms"] - base.get(row["n"], 0.0)
-        ratio = row["per_step_ms"] / floor[row["n"]] if floor.get(row["n"]) else float("nan")
+        n = row["n"]
+        overhead = row["per_step_ms"] - floors.get(("baseline", n), 0.0)
+        floor = floors.get((FLOOR_OF.get(row["engine"], FILE_FLOOR), n))
+        ratio = row["per_step_ms"] / floor if floor else float("nan")
         lines.append(
-            f"| {row['engine']} | {row['n']:,} | {row['per_step_ms']:.3f} | "
+            f"| {row['engine']} | {n:,} | {row['per_step_ms']:.3f} | "
             f"{row['min_ms']:.3f}-{row['max_ms']:.3f} | {overhead:.3f} | {ratio:.2f} | "
             f"{row['bytes_per_step']:,.0f} |"
         )
+    return "\n".join(lines)
+
+
+def postgres_reachable() -> bool:
+    """Tell whether the benchmark's PostgreSQL server answers (its rows are skipped if not)."""
+    script = (
+        "import asyncio, asyncpg, sys; sys.path.insert(0, sys.argv[1]); import engines; "
+        "asyncio.run(asyncio.wait_for(asyncpg.connect(engines.PG_URL), 5))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(HERE)], capture_output=True, check=False, timeout=60
+    )
+    return done.returncode == 0
+
+
+def measure_concurrency(sessions: int, steps: int, stores: list[str]) -> list[dict[str, Any]]:
+    """Checkpoints per second with ``sessions`` sessions of ``steps`` steps running at once."""
+    rows = []
+    for store in stores:
+        done = subprocess.run(
+            [sys.executable, str(HERE / "concurrency.py"), str(sessions), str(steps), store],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=3600,
+        )
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  concurrency {store:<14} {rows[-1]['checkpoints_per_s']:,.0f}/s", file=sys.stderr)
+    return rows
+
+
+def concurrency_table(rows: list[dict[str, Any]]) -> str:
+    """Render the concurrency figures as a Markdown table."""
+    lines = [
+        "| store | sessions x steps | checkpoints | seconds | durable checkpoints/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['store']} | {r['sessions']:,} x {r['steps']} | {r['checkpoints']:,} | "
+        f"{r['seconds']:.2f} | {r['checkpoints_per_s']:,.0f} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -176,18 +230,27 @@ def main() -> None:
     runs = 1 if args.quick else args.runs
     engines = [
         "baseline",
-        "floor (append+fdatasync)",
+        FILE_FLOOR,
         "stepvault file",
+        "floor sqlite (one commit)",
         "stepvault sqlite",
         "langgraph sqlite sync",
         "dbos sqlite",
     ]
+    if postgres_reachable():
+        engines += ["floor postgres (one commit)", "stepvault postgres"]
+    else:
+        print("  PostgreSQL not reachable: its rows are skipped", file=sys.stderr)
     started = time.time()
     rows = measure_loops(engines, sizes, runs, args.output_bytes)
-    big = measure_loops(["floor (append+fdatasync)", "stepvault file"], [100], runs, 100 * 1024)
-    floor = {r["n"]: r["per_step_ms"] for r in rows if r["engine"].startswith("floor")}
-    base = {r["n"]: r["per_step_ms"] for r in rows if r["engine"] == "baseline"}
+    big = measure_loops([FILE_FLOOR, "stepvault file"], [100], runs, 100 * 1024)
+    floors = {(r["engine"], r["n"]): r["per_step_ms"] for r in rows + big if "floor" in r["engine"]}
+    floors |= {("baseline", r["n"]): r["per_step_ms"] for r in rows if r["engine"] == "baseline"}
+    big_floors = {(r["engine"], r["n"]): r["per_step_ms"] for r in big if "floor" in r["engine"]}
     restart = measure_restart(200 if args.quick else 10000, 100 if args.quick else 10000)
+    burst = measure_concurrency(
+        100 if args.quick else 1000, 20, ["file", "file-batch", "sqlite", "sqlite-batch"]
+    )
 
     growth = {}
     for row in rows:
@@ -203,12 +266,14 @@ def main() -> None:
         "loops": [{k: v for k, v in row.items() if k != "costs"} for row in rows + big],
         "growth_last_vs_step_100": growth,
         "restart": restart,
+        "concurrency": burst,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     text = "\n\n".join(
         [
-            table(rows, floor, base),
-            f"100 KB outputs, N=100:\n\n{table(big, {100: big[0]['per_step_ms']}, {})}",
+            table(rows, floors),
+            f"100 KB outputs, N=100:\n\n{table(big, big_floors)}",
+            f"Many sessions at once:\n\n{concurrency_table(burst)}",
             "growth (cost of the last steps / cost around step 100): "
             + ", ".join(f"{k} {v:.2f}x" for k, v in growth.items()),
             "restart: " + ", ".join(f"{k} {v:.1f}" for k, v in restart.items()),

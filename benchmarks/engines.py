@@ -101,6 +101,84 @@ def run_stepvault_sqlite(n: int, size: int, workdir: Path) -> dict[str, Any]:
     return {"marks": marks, "bytes": folder_bytes(workdir / "sv.db")}
 
 
+PG_URL = os.environ.get("STEPVAULT_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+"""The PostgreSQL server the Postgres rows use (trust auth, a scratch database)."""
+
+
+def run_sqlite_floor(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """SQLite's own floor: one transaction per step (insert a row, update a row), WAL, FULL."""
+    import sqlite3  # noqa: PLC0415
+
+    path = workdir / "floor.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE heads (id INTEGER PRIMARY KEY, revision INTEGER)")
+    conn.execute("CREATE TABLE steps (id INTEGER, seq INTEGER, body BLOB, PRIMARY KEY (id, seq))")
+    conn.execute("INSERT INTO heads VALUES (1, 0)")
+    marks: list[float] = []
+    for i in range(n):
+        marks.append(time.perf_counter())
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO steps VALUES (1, ?, ?)", (i, (str(i % 10) * size).encode()))
+        conn.execute("UPDATE heads SET revision = ? WHERE id = 1", (i,))
+        conn.execute("COMMIT")
+    marks.append(time.perf_counter())
+    conn.close()
+    return {"marks": marks, "bytes": folder_bytes(path)}
+
+
+def _pg_schema() -> str:
+    return f"bench_{os.getpid()}_{time.monotonic_ns()}"
+
+
+async def _pg_drop(schema: str) -> None:
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+def run_postgres_floor(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """PostgreSQL's own floor: one single-statement commit per step (insert a row)."""
+    import asyncpg  # noqa: PLC0415
+
+    schema = _pg_schema()
+    marks: list[float] = []
+
+    async def main() -> None:
+        conn = await asyncpg.connect(PG_URL)
+        try:
+            await conn.execute(f"CREATE SCHEMA {schema}")
+            await conn.execute(f"CREATE TABLE {schema}.steps (seq INT PRIMARY KEY, body BYTEA)")
+            insert = await conn.prepare(f"INSERT INTO {schema}.steps VALUES ($1, $2)")  # noqa: S608  # our own schema name
+            for i in range(n):
+                marks.append(time.perf_counter())
+                await insert.fetch(i, (str(i % 10) * size).encode())
+            marks.append(time.perf_counter())
+        finally:
+            await conn.close()
+            await _pg_drop(schema)
+
+    asyncio.run(main())
+    return {"marks": marks, "bytes": 0}
+
+
+def run_stepvault_postgres(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """stepvault's PostgresStore (fenced single-statement commits)."""
+    from engine.stores.postgres import PostgresStore  # noqa: PLC0415
+
+    schema = _pg_schema()
+    try:
+        marks = _run_stepvault(PostgresStore(PG_URL, schema=schema), n, size)
+    finally:
+        asyncio.run(_pg_drop(schema))
+    return {"marks": marks, "bytes": 0}
+
+
 class _LoopState(TypedDict):
     i: int
     outputs: Annotated[list[str], operator.add]
@@ -169,6 +247,9 @@ ENGINES: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
     "floor (append+fdatasync)": run_floor,
     "stepvault file": run_stepvault_file,
     "stepvault sqlite": run_stepvault_sqlite,
+    "floor sqlite (one commit)": run_sqlite_floor,
+    "stepvault postgres": run_stepvault_postgres,
+    "floor postgres (one commit)": run_postgres_floor,
     "langgraph sqlite sync": run_langgraph_sqlite,
     "dbos sqlite": run_dbos_sqlite,
 }
