@@ -178,13 +178,22 @@ def plain_body(frame: Frame, source: str, keys: SessionKeys | None = None, kind:
     return keys.open(frame.seq, kind, frame.body, where)
 
 
-def decode_model(model: type[_M], frame: Frame, source: str, keys: SessionKeys | None = None) -> _M:
+def decode_model(
+    model: type[_M],
+    frame: Frame,
+    source: str,
+    keys: SessionKeys | None = None,
+    *,
+    kind: str | None = None,
+) -> _M:
     """Decode a frame's JSON body as ``model`` (decrypting it with ``keys`` if sealed).
 
+    ``kind`` is the record kind it was sealed as, when ``model`` reads only part of
+    it (a listing's head of a ``Session``); by default, ``model``'s name.
     Anything undecodable is corruption; a sealed record without keys is a
     ``DecryptionError``.
     """
-    body = plain_body(frame, source, keys, model.__name__)
+    body = plain_body(frame, source, keys, kind or model.__name__)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

@@ -134,6 +134,11 @@ _CANONICAL_UUID4 = re.compile(
 )
 
 
+def is_session_id(name: str) -> bool:
+    """Tell whether ``name`` is a canonical session id (a folder name, say)."""
+    return _CANONICAL_UUID4.fullmatch(name) is not None
+
+
 def validate_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is a canonical UUIDv4 string, else raise.
 

@@ -53,14 +53,17 @@ from ..models import Checkpoint, Event, Session, SessionInfo
 from . import file_inbox
 from .base import (
     DEFAULT_LEASE_TTL,
+    LIST_PAGE,
     Durability,
     Lease,
     check_durability,
     check_fresh,
+    is_session_id,
     validate_session_id,
 )
 from .file_inbox import INBOX
 from .file_keys import KeyFiles
+from .file_listing import CheckpointHead, SessionHead
 from .fsutil import O_CLOEXEC, private_folder, read_file, sync_folder, write_all
 from .group_sync import GroupSync
 
@@ -80,6 +83,7 @@ READ_ATTEMPTS = 10
 _SESSION = Session.__name__  # the record kinds, bound into each sealed record
 _CHECKPOINT = Checkpoint.__name__
 _T = TypeVar("_T")
+_S = TypeVar("_S", Session, SessionHead)  # a whole session, or only what a listing shows
 _log = get_logger()
 
 
@@ -239,6 +243,14 @@ class FileStore:
     async def list(self) -> list[SessionInfo]:
         """Return a row per session folder, unreadable ones with ``problem`` set."""
         return await self._run(self._list_sync)
+
+    async def list_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> builtins.list[SessionInfo]:
+        """Return up to ``limit`` rows whose ids sort after ``after``, in id order."""
+        if after is not None:
+            validate_session_id(after)
+        return await self._run(self._list_sync, after, limit)
 
     async def acquire(
         self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
@@ -424,7 +436,9 @@ class FileStore:
             return session
         raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
 
-    def _read_session(self, session_id: str) -> tuple[Session, _Tail] | None:
+    def _read_session(
+        self, session_id: str, model: type[_S] = Session  # type: ignore[assignment]
+    ) -> tuple[_S, _Tail] | None:
         """Read a consistent view of a session, even while another process writes it.
 
         A reader holds no lock, so a compaction elsewhere (snapshot rename, then
@@ -453,7 +467,7 @@ class FileStore:
             if replaced:
                 continue
             try:
-                return self._decode_session(session_id, folder, snapshot, journal)
+                return self._decode_session(session_id, folder, snapshot, journal, model)
             except (CorruptSessionError, DecryptionError):
                 if previous == (snapshot, journal):
                     raise
@@ -463,13 +477,13 @@ class FileStore:
         raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
 
     def _decode_session(
-        self, session_id: str, folder: Path, snapshot: bytes, journal: bytes
-    ) -> tuple[Session, _Tail]:
+        self, session_id: str, folder: Path, snapshot: bytes, journal: bytes, model: type[_S]
+    ) -> tuple[_S, _Tail]:
         if self._encryption is not None and not self._vault.has_key(session_id):
             self._forget_keys(session_id)  # shredded elsewhere: never read with a cached key
         keys = self._keys(session_id)
         try:
-            return self._decode_records(session_id, folder, snapshot, journal, keys)
+            return self._decode_records(session_id, folder, snapshot, journal, keys, model)
         except DecryptionError as exc:
             if keys is None:
                 raise self._explain_missing_key(session_id, exc) from None
@@ -499,13 +513,15 @@ class FileStore:
         snapshot: bytes,
         journal: bytes,
         keys: SessionKeys | None,
-    ) -> tuple[Session, _Tail]:
+        model: type[_S],
+    ) -> tuple[_S, _Tail]:
+        """Rebuild the session (or only its listing head) from its snapshot and journal."""
         snapshot_path = folder / SNAPSHOT
         scan = codec.scan_frames(snapshot, str(snapshot_path))
         if scan.torn_tail or len(scan.frames) != 1:
             raise CorruptSessionError(f"{snapshot_path}: expected one complete record")
         frame = scan.frames[0]
-        session = codec.decode_model(Session, frame, str(snapshot_path), keys)
+        session = codec.decode_model(model, frame, str(snapshot_path), keys, kind=_SESSION)
         if session.id != session_id or session.revision != frame.seq:
             raise CorruptSessionError(f"{snapshot_path}: record belongs to another session")
 
@@ -519,10 +535,7 @@ class FileStore:
                     f"{journal_path}: record {frame.seq} at offset {frame.offset} "
                     f"does not follow revision {session.revision}"
                 )
-            checkpoint = codec.decode_model(Checkpoint, frame, str(journal_path), keys)
-            if checkpoint.revision != frame.seq:
-                raise CorruptSessionError(f"{journal_path}: mislabelled record at {frame.offset}")
-            session.apply(checkpoint)
+            _replay(session, frame, str(journal_path), keys)
         return session, _Tail(
             scan.valid_end, session.revision, len(snapshot), folder, str(journal_path)
         )
@@ -838,22 +851,26 @@ class FileStore:
         finally:
             self._unlock(session_id)
 
-    def _list_sync(self) -> builtins.list[SessionInfo]:
+    def _list_sync(
+        self, after: str | None = None, limit: int | None = None
+    ) -> builtins.list[SessionInfo]:
+        names = sorted(
+            name
+            for name in os.listdir(self._root())
+            # Skips what is no session folder: .trash, an interrupted create, ...
+            if is_session_id(name) and (after is None or name > after)
+        )
         rows = []
-        for name in sorted(os.listdir(self._root())):
+        for name in names[:limit]:
             try:
-                validate_session_id(name)
-            except EngineError:
-                continue  # not a session folder: .trash, an interrupted create, ...
-            try:
-                session = self._load_sync(name)
+                found = self._read_session(name, SessionHead)
             except (StorageError, OSError) as exc:
                 # Unreadable (corrupt, undecryptable, a symlink, unreadable bytes):
                 # report it rather than hide it or fail the whole listing.
                 rows.append(SessionInfo(id=name, problem=str(exc)))
                 continue
-            if session is not None:
-                rows.append(SessionInfo.of(session))
+            if found is not None:
+                rows.append(found[0].info())
         return rows
 
     def _acquire_sync(self, lease: Lease) -> Lease | None:
@@ -892,6 +909,25 @@ class FileStore:
             with contextlib.suppress(OSError):
                 write_all(held[0], b" " * LOCK_RECORD, 0)
             os.close(held[0])  # closing the only descriptor releases the flock
+
+
+def _replay(
+    session: Session | SessionHead, frame: codec.Frame, source: str, keys: SessionKeys | None
+) -> None:
+    """Apply one journal record to the session (or its head), checking its number."""
+    if isinstance(session, SessionHead):
+        head = codec.decode_model(CheckpointHead, frame, source, keys, kind=_CHECKPOINT)
+        _check_numbered(head.revision, frame, source)
+        session.apply(head)
+    else:
+        checkpoint = codec.decode_model(Checkpoint, frame, source, keys)
+        _check_numbered(checkpoint.revision, frame, source)
+        session.apply(checkpoint)
+
+
+def _check_numbered(revision: int, frame: codec.Frame, source: str) -> None:
+    if revision != frame.seq:
+        raise CorruptSessionError(f"{source}: mislabelled record at {frame.offset}")
 
 
 def _record_holder(fd: int, owner: str) -> int:
