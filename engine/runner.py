@@ -305,6 +305,11 @@ class Runner(Operations):
             self._spawn(session_id, retry_failed=False)
 
     @property
+    def active(self) -> int:
+        """Return how many sessions this runner is running or watching (a wait) now."""
+        return len(self._tasks)
+
+    @property
     def backlog(self) -> int:
         """Return how many sessions ``resume_all`` scheduled that wait for a free slot."""
         return len(self._backlog)
