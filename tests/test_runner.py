@@ -1030,7 +1030,7 @@ async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores)
 
         # Then two run and four wait their turn as ids, not as tasks
         await _eventually(lambda: len(held.waiting) == 2)
-        assert runner.backlog == 4
+        assert (runner.active, runner.backlog) == (2, 4)
 
         # And once the two go on, the backlog runs, to the last session
         held.open()
@@ -1038,6 +1038,7 @@ async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores)
             n * 10 for n in range(6)
         ]
         assert runner.backlog == 0
+        await _eventually(lambda: runner.active == 0)
 
 
 async def test_a_session_suspended_on_an_event_gives_its_slot_to_the_backlog(
