@@ -18,7 +18,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
-import pydantic_core
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -38,6 +37,7 @@ from .errors import EngineError, SessionExpiredError, SessionNotFoundError
 from .models import Session
 from .runner import StepEvent
 from .stores import STORE_URLS, Store, open_store
+from .values import to_standard_json
 from .workflow import Workflow
 
 DEFAULT_STORE = "./sessions"
@@ -226,8 +226,8 @@ def check_resumable(session: Session | None, session_id: str) -> Session:
 
 
 def to_plain(value: Any) -> Any:
-    """Turn a step output (pydantic models included) into plain JSON data."""
-    return pydantic_core.to_jsonable_python(value)
+    """Turn a step output (pydantic models included) into standard JSON data."""
+    return to_standard_json(value)
 
 
 def dump_json(value: Any, *, indent: int | None = 2) -> str:

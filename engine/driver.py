@@ -67,6 +67,7 @@ class Driver:
         self._slots = asyncio.Semaphore(max_concurrency)
         self._max_concurrency = max_concurrency
         self._backlog: dict[str, None] = {}  # an ordered set: scheduled, no task yet
+        self._closing = False
 
     def register(self, workflow: Workflow) -> None:
         """Make a workflow resumable by this runner."""
@@ -109,6 +110,8 @@ class Driver:
         self._feed()
 
     def _feed(self) -> None:
+        if self._closing:  # close() is cancelling what runs: start nothing more
+            return
         # A session suspended in ``_watch`` keeps its task but frees its slot.
         while self._backlog and len(self._tasks) - len(self._wakeups) < self._max_concurrency:
             self._spawn(next(iter(self._backlog)), retry_failed=False)

@@ -45,7 +45,8 @@ class Operations(Driver):
         Raises:
             SessionBusyError: another runner is running it.
         """
-        task = self._tasks.get(validate_session_id(session_id))
+        self._backlog.pop(validate_session_id(session_id), None)  # never to start now
+        task = self._tasks.get(session_id)
         writer = self._writers.get(session_id)
         stopped = writer.in_flight if writer is not None else None
         if task is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,26 @@ def to_json(value: Any, what: str) -> Any:
         return pydantic_core.to_jsonable_python(value)
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
         raise SerializationError(f"{what} is not JSON-serializable: {exc}") from None
+
+
+def to_standard_json(value: Any) -> Any:
+    """Return ``value`` as JSON data any parser accepts: NaN and infinities as null.
+
+    Stored records keep them (``models.StoredModel``) so a resumed step gets its
+    float back; JSON itself has no such numbers, and ``JSON.parse`` or ``jq`` reject
+    them. What the command line prints and the dashboard serves uses this.
+    """
+    return _finite(pydantic_core.to_jsonable_python(value))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def restore(adapter: TypeAdapter[Any], stored: Any, session_id: str, name: str) -> Any:

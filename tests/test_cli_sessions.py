@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,6 +177,31 @@ def test_show_json_is_the_stored_session(cli: CliRunner, stored: Stored) -> None
     session = asyncio.run(FileStore(stored.folder).load(stored.expiring))
     assert session is not None
     assert shown == session.model_dump(mode="json")
+
+
+def test_show_json_is_standard_json_even_for_nan_and_infinity(
+    cli: CliRunner, stored: Stored
+) -> None:
+    # Given a session whose state holds floats JSON has no number for
+    async def keep_odd_floats() -> None:
+        store = FileStore(stored.folder)
+        session = await store.load(stored.expiring)
+        assert session is not None
+        session.state.update(ratio=math.nan, ceiling=math.inf)
+        await store.save(session)
+
+    asyncio.run(keep_odd_floats())
+
+    # When it is shown as JSON, Then a strict parser reads it, with nulls for them
+    result = cli.invoke(app, ["sessions", "show", stored.expiring, "--json"])
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not standard JSON: {constant}")
+
+    shown = json.loads(result.stdout, parse_constant=refuse)
+    assert shown["state"]["ratio"] is None
+    assert shown["state"]["ceiling"] is None
 
 
 @pytest.mark.parametrize(

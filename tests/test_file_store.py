@@ -375,6 +375,28 @@ async def test_closing_a_store_releases_its_locks(
     assert await second.acquire(session.id, "runner-b") is not None
 
 
+@pytest.mark.parametrize("owner", ["runner-a", "x" * 100, "stepvault sessions rm"])
+async def test_takeovers_count_only_holders_that_died_whatever_the_owner_name(
+    file_store: FileStore, store_path: Path, make_session: MakeSession, owner: str
+) -> None:
+    session = make_session()
+    await file_store.create(session)
+
+    # A clean release, by an owner with a long name or with spaces: no takeover
+    for _ in range(3):
+        lease = await lease_for(file_store, session.id, owner)
+        assert lease.takeovers == 0
+        await file_store.release(lease)
+
+    # A holder that died holding it (its name left in the lock file, in the
+    # format an older stepvault wrote): one more takeover than it recorded
+    (store_path / session.id / "lock").write_bytes(f"{owner} 2\n".encode())
+    lease = await lease_for(file_store, session.id, owner)
+    assert lease.takeovers == 3
+    await file_store.release(lease)
+    assert (await lease_for(file_store, session.id, owner)).takeovers == 0
+
+
 HOLD_LOCK = """
 import asyncio, sys, time
 from engine import FileStore

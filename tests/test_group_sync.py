@@ -65,6 +65,36 @@ async def test_a_failed_sync_fails_every_waiter_of_its_group(
         group.close()
 
 
+async def test_after_a_failed_sync_no_wait_ever_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given one sync that fails (Linux then marks the lost pages clean: a later
+    # sync would succeed without writing them)
+    calls = 0
+
+    def fails_once(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(5, os.strerror(5))
+
+    monkeypatch.setattr(group_sync, "syncfs", fails_once)
+    group = GroupSync(tmp_path)
+    try:
+        with pytest.raises(StorageError, match="group sync failed"):
+            await group.wait()
+
+        # When more writers wait, on the same store, even after a close
+        group.close()
+        for _ in range(3):
+            # Then each is refused, and nothing is synced as if all were well
+            with pytest.raises(StorageError, match="open the store again"):
+                await group.wait()
+        assert calls == 1
+    finally:
+        group.close()
+
+
 async def test_a_cancelled_waiter_does_not_break_the_others(tmp_path: Path) -> None:
     group = GroupSync(tmp_path)
     try:

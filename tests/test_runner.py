@@ -1041,6 +1041,44 @@ async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores)
         await _eventually(lambda: runner.active == 0)
 
 
+async def test_a_session_cancelled_in_the_backlog_never_starts(stores: Stores) -> None:
+    interrupted, held = Gate(), Gate()
+    wf = Workflow("queued")
+
+    @wf.step
+    async def first(ctx: StepContext, value: int) -> int:
+        await interrupted.pass_through(ctx.session_id)
+        return value
+
+    @wf.step
+    async def second(ctx: StepContext, value: int) -> int:
+        await held.pass_through(ctx.session_id)
+        return value
+
+    # Given two interrupted sessions, resumed by a runner that runs one at a time
+    async with Runner(stores.open(), [wf]) as runner:
+        sids = [await runner.start(wf, n) for n in range(2)]
+        await _eventually(lambda: len(interrupted.waiting) == 2)
+    interrupted.open()
+    async with Runner(stores.open(), [wf], max_concurrency=1) as runner:
+        await runner.resume_all()
+        await _eventually(lambda: len(held.waiting) == 1)
+        running = next(iter(held.waiting))
+        queued = next(sid for sid in sids if sid != running)
+
+        # When the one still in the backlog is cancelled, then the other goes on
+        await runner.cancel(queued)
+        assert runner.backlog == 0
+        held.open()
+        assert await runner.wait(running) == sids.index(running)
+
+        # Then the cancelled one never ran: it stays cancelled
+        with pytest.raises(SessionCancelledError):
+            await runner.wait(queued)
+        assert (await _load(runner.store, queued)).status == "cancelled"
+        assert held.waiting == {running}
+
+
 async def test_a_session_suspended_on_an_event_gives_its_slot_to_the_backlog(
     stores: Stores,
 ) -> None:

@@ -600,6 +600,27 @@ async def test_list_returns_one_row_per_session(store: Store, make_session: Make
     assert all(row.problem is None for row in rows)
 
 
+class _ShortPages:
+    """A store whose pages come back short (sessions deleted while it read them)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+
+    async def list(self) -> list[SessionInfo]:
+        return [SessionInfo(id=i) for i in self.ids]
+
+    async def list_page(self, after: str | None = None, limit: int = 1000) -> list[SessionInfo]:
+        rows = [SessionInfo(id=i) for i in self.ids if after is None or i > after][:limit]
+        return rows[:-1] if len(rows) == limit else rows  # always one short
+
+
+async def test_a_short_page_does_not_end_the_walk() -> None:
+    ids = sorted(str(uuid.uuid4()) for _ in range(10))
+    store = _ShortPages(ids)
+    walked = [row.id async for page in list_pages(store, limit=3) for row in page]  # type: ignore[arg-type]  # a stub, not a Store
+    assert walked == ids
+
+
 async def test_pages_list_every_session_once_in_id_order(
     store: Store, make_session: MakeSession
 ) -> None:

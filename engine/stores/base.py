@@ -122,10 +122,9 @@ async def list_pages(store: Store, limit: int = LIST_PAGE) -> AsyncIterator[list
     after: str | None = None
     while True:
         page = await store.list_page(after, limit)
-        if page:
-            yield page
-        if len(page) < limit:
-            return
+        if not page:  # only an empty page ends it: a store may return a short one
+            return  # (a file store skips a session deleted while it read the page)
+        yield page
         after = page[-1].id
 
 

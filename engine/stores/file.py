@@ -907,7 +907,7 @@ class FileStore:
             # leaves its name in it, which the next holder counts as a takeover.
             # Blanked in place, not truncated: no size change, no metadata to journal.
             with contextlib.suppress(OSError):
-                write_all(held[0], b" " * LOCK_RECORD, 0)
+                write_all(held[0], b" " * max(LOCK_RECORD, os.fstat(held[0]).st_size), 0)
             os.close(held[0])  # closing the only descriptor releases the flock
 
 
@@ -936,7 +936,8 @@ def _record_holder(fd: int, owner: str) -> int:
     previous = found.split()
     takeovers = 0
     if previous:  # the last holder never released: it died holding the lock
-        takeovers = 1 + (int(previous[1]) if len(previous) > 1 and previous[1].isdigit() else 0)
+        # The count is the last word: an owner's name may hold spaces.
+        takeovers = 1 + (int(previous[-1]) if len(previous) > 1 and previous[-1].isdigit() else 0)
     # Padded with blanks to a fixed size (and over anything longer an older version
     # left), so that holding and releasing never change the file's size.
     record = f"{owner} {takeovers}\n".encode().ljust(max(LOCK_RECORD, len(found)), b" ")

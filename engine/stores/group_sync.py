@@ -74,16 +74,23 @@ class GroupSync:
     has succeeded; it raises ``StorageError`` if that sync failed (the caller must
     then treat its write as never made). One daemon thread does the syncing, so the
     event loop never blocks on the disk.
+
+    A failed sync fails every later wait too, for good. Linux reports a write-back
+    error once, to the first sync that sees it, and marks the failed pages clean:
+    a later sync would succeed without ever writing them, acknowledging writes the
+    disk lost. Like PostgreSQL after a failed fsync, the only safe answer is to
+    stop: the store must be opened anew (after the disk is looked at), and what is
+    on disk then is what a reader sees.
     """
 
     def __init__(self, path: Path) -> None:
         check_available()
         self.path = path
-        self._fd: int | None = None
         self._waiting: list[_Waiter] = []
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._failed: StorageError | None = None
         self.syncs = 0
         """How many syncs ran: with N concurrent writers, far fewer than N writes."""
 
@@ -92,6 +99,8 @@ class GroupSync:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._wake:
+            if self._failed is not None:
+                raise StorageError(str(self._failed))
             self._waiting.append((loop, future))
             if self._thread is None:
                 self._stopping = False
@@ -110,38 +119,51 @@ class GroupSync:
             thread = self._thread
         if thread is not None:
             thread.join()
-        with self._wake:
-            if self._thread is thread:
-                self._thread = None
-            if self._fd is not None and self._thread is None:
-                os.close(self._fd)
-                self._fd = None
 
     def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._waiting and not self._stopping:
-                    self._wake.wait()
-                batch, self._waiting = self._waiting, []
-                if not batch:
-                    return  # stopping, and nobody waits
-            error = self._sync()
-            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-            for loop, future in batch:
-                by_loop.setdefault(loop, []).append(future)
-            for loop, futures in by_loop.items():  # one wake-up per loop, not per write
-                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_settle, futures, error)
-
-    def _sync(self) -> StorageError | None:
+        fd: int | None = None  # this thread's own: errors are reported per open file
         try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            syncfs(self._fd)
+            while True:
+                with self._wake:
+                    while not self._waiting and not self._stopping:
+                        self._wake.wait()
+                    batch, self._waiting = self._waiting, []
+                    if not batch:
+                        self._thread = None  # under the lock: a new wait starts a new thread
+                        return
+                    error = self._failed
+                if error is None:
+                    fd, error = self._sync(fd)
+                    if error is not None:
+                        with self._wake:
+                            self._failed = error
+                _notify(batch, error)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _sync(self, fd: int | None) -> tuple[int | None, StorageError | None]:
+        try:
+            if fd is None:
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            syncfs(fd)
         except OSError as exc:
-            return StorageError(f"file store {self.path}: group sync failed: {exc}")
+            return fd, StorageError(
+                f"file store {self.path}: group sync failed ({exc}); what was written "
+                "since the last good sync may be lost, so this store takes no more "
+                "commits: check the disk, then open the store again"
+            )
         self.syncs += 1
-        return None
+        return fd, None
+
+
+def _notify(batch: list[_Waiter], error: StorageError | None) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for loop, future in batch:
+        by_loop.setdefault(loop, []).append(future)
+    for loop, futures in by_loop.items():  # one wake-up per loop, not per write
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+            loop.call_soon_threadsafe(_settle, futures, error)
 
 
 def _settle(futures: list[asyncio.Future[None]], error: StorageError | None) -> None:
@@ -151,4 +173,4 @@ def _settle(futures: list[asyncio.Future[None]], error: StorageError | None) -> 
         if error is None:
             future.set_result(None)
         else:
-            future.set_exception(error)
+            future.set_exception(StorageError(str(error)))  # one each: tracebacks differ

@@ -40,6 +40,7 @@ from ..errors import (
 from ..models import UNFINISHED, utcnow
 from ..runner import Runner
 from ..stores import Store
+from ..values import to_standard_json
 from . import format as fmt
 from . import listing, overview, timeline
 from .actions import Actions
@@ -362,7 +363,7 @@ class _Api:
         row = await listing.session_row(self.board.store, request.path_params["session_id"])
         now = utcnow()
         body: dict[str, Any] = row.as_json(now)
-        body["session"] = None if row.session is None else row.session.model_dump(mode="json")
+        body["session"] = None if row.session is None else to_standard_json(row.session)
         return JSONResponse(body)
 
     async def metrics(self, request: Request) -> Response:
