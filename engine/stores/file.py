@@ -437,7 +437,9 @@ class FileStore:
         raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
 
     def _read_session(
-        self, session_id: str, model: type[_S] = Session  # type: ignore[assignment]
+        self,
+        session_id: str,
+        model: type[_S] = Session,  # type: ignore[assignment]
     ) -> tuple[_S, _Tail] | None:
         """Read a consistent view of a session, even while another process writes it.
 
@@ -864,6 +866,10 @@ class FileStore:
         for name in names[:limit]:
             try:
                 found = self._read_session(name, SessionHead)
+                if found is not None:  # a damaged inbox makes the session unreadable too
+                    codec.scan_frames(
+                        file_inbox.read(found[1].folder), str(found[1].folder / INBOX)
+                    )
             except (StorageError, OSError) as exc:
                 # Unreadable (corrupt, undecryptable, a symlink, unreadable bytes):
                 # report it rather than hide it or fail the whole listing.
