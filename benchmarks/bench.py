@@ -256,9 +256,10 @@ def main() -> None:
     for row in rows:
         if row["n"] == max(sizes) and row["engine"].startswith("stepvault"):
             costs = row["costs"]
-            growth[row["engine"]] = window_median(costs, len(costs) - 50) / window_median(
-                costs, 100
-            )
+            # Medians over 500 steps: one step's cost is noise; the very last is not a
+            # step (it includes closing the runner), so it is left out.
+            last = statistics.median(costs[-501:-1])
+            growth[row["engine"]] = last / statistics.median(costs[100:600])
     report = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}",

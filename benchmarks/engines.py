@@ -142,6 +142,23 @@ async def _pg_drop(schema: str) -> None:
         await conn.close()
 
 
+async def _pg_bytes(schema: str) -> int:
+    """Return what the schema's tables take on disk, indexes and TOAST included."""
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        size: int = await conn.fetchval(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = $1 AND c.relkind = 'r'",
+            schema,
+        )
+    finally:
+        await conn.close()
+    return size
+
+
 def run_postgres_floor(n: int, size: int, workdir: Path) -> dict[str, Any]:
     """PostgreSQL's own floor: one single-statement commit per step (insert a row)."""
     import asyncpg  # noqa: PLC0415
@@ -159,12 +176,14 @@ def run_postgres_floor(n: int, size: int, workdir: Path) -> dict[str, Any]:
                 marks.append(time.perf_counter())
                 await insert.fetch(i, (str(i % 10) * size).encode())
             marks.append(time.perf_counter())
+            stored.append(await _pg_bytes(schema))
         finally:
             await conn.close()
             await _pg_drop(schema)
 
+    stored: list[int] = []
     asyncio.run(main())
-    return {"marks": marks, "bytes": 0}
+    return {"marks": marks, "bytes": stored[0]}
 
 
 def run_stepvault_postgres(n: int, size: int, workdir: Path) -> dict[str, Any]:
@@ -174,9 +193,10 @@ def run_stepvault_postgres(n: int, size: int, workdir: Path) -> dict[str, Any]:
     schema = _pg_schema()
     try:
         marks = _run_stepvault(PostgresStore(PG_URL, schema=schema), n, size)
+        stored = asyncio.run(_pg_bytes(schema))
     finally:
         asyncio.run(_pg_drop(schema))
-    return {"marks": marks, "bytes": 0}
+    return {"marks": marks, "bytes": stored}
 
 
 class _LoopState(TypedDict):
