@@ -149,7 +149,7 @@ async def _pg_bytes(schema: str) -> int:
     conn = await asyncpg.connect(PG_URL)
     try:
         size: int = await conn.fetchval(
-            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE n.nspname = $1 AND c.relkind = 'r'",
             schema,
