@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, cast
 
 import tenacity as _t
 
@@ -201,7 +201,7 @@ class _StepRun:
             workflow=self.workflow.name,
             step=step.name,
             attempt=self.attempt,
-            state=copy.deepcopy(session.state),
+            state=copy.deepcopy(session.state) if session.state else {},
             input=self.value,
             outputs=self.outputs,
             metadata=session.metadata,
@@ -298,22 +298,29 @@ class _StepRun:
 
 async def call_step(step: Step, ctx: StepContext, value: Any) -> Any:
     """Run one attempt: async steps on the loop, sync steps in a worker thread."""
-    timer = asyncio.timeout(step.timeout)
     try:
-        async with timer:
-            if step.is_async:
-                return await step.fn(ctx, value)
-            return await asyncio.to_thread(step.fn, ctx, value)
-    except TimeoutError:
-        if not timer.expired():
-            raise  # the step's own TimeoutError, not our limit
-        ctx.mark_cancelled()  # a sync step still runs in its thread: tell it to stop
-        raise StepTimeoutError(
-            f"step {step.name!r} attempt {ctx.attempt} timed out after {step.timeout}s"
-        ) from None
+        if step.timeout is None:  # most steps: no timer to arm
+            return await _attempt(step, ctx, value)
+        timer = asyncio.timeout(step.timeout)
+        try:
+            async with timer:
+                return await _attempt(step, ctx, value)
+        except TimeoutError:
+            if not timer.expired():
+                raise  # the step's own TimeoutError, not our limit
+            ctx.mark_cancelled()  # a sync step still runs in its thread: tell it to stop
+            raise StepTimeoutError(
+                f"step {step.name!r} attempt {ctx.attempt} timed out after {step.timeout}s"
+            ) from None
     except asyncio.CancelledError:
         ctx.mark_cancelled()
         raise
+
+
+def _attempt(step: Step, ctx: StepContext, value: Any) -> Awaitable[Any]:
+    if step.is_async:
+        return cast(Awaitable[Any], step.fn(ctx, value))
+    return asyncio.to_thread(step.fn, ctx, value)
 
 
 def _ms(seconds: float) -> float:
