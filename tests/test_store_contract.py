@@ -1278,6 +1278,41 @@ async def test_a_commit_that_absorbs_events_lets_the_store_forget_them(
     assert numbered(loaded) == [(1, first.id), (3, third.id), (4, second.id)]
 
 
+async def test_an_absorbed_event_posted_again_is_delivered_once(
+    store: Store, make_session: MakeSession
+) -> None:
+    # Given two posted events, the second taken and the first absorbed into the session
+    inbox = inbox_of(store)
+    session = make_session()
+    await store.create(session)
+    first, second = an_event("a"), an_event("b")
+    for event in (first, second):
+        await inbox.post_event(session.id, event)
+    lease = await lease_for(store, session.id)
+    running = await store.load(session.id)
+    assert running is not None
+    await commit(
+        store,
+        lease,
+        running,
+        events_added=[running.inbox[0]],
+        events_consumed=[second.id],
+        inbox_seq=2,
+    )
+
+    # When its sender retries the first (same id) before a step takes it, then a step does
+    await inbox.post_event(session.id, first)
+    running = await store.load(session.id)
+    assert running is not None
+    assert [event.id for event in running.inbox] == [first.id]
+    await commit(store, lease, running, events_consumed=[first.id])
+
+    # Then it was one event, taken once: nothing is left to deliver again
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert loaded.inbox == []
+
+
 async def test_numbers_are_never_reused_once_absorbed_events_are_dropped(
     store: Store, make_store: MakeStore, store_url: str | None, make_session: MakeSession
 ) -> None:

@@ -181,6 +181,8 @@ class MemoryStore:
         )
         if checkpoint.inbox_seq is not None:
             self._forget_posted(stored, checkpoint.inbox_seq)
+        for taken in checkpoint.events_consumed:  # a retried post of a taken event
+            stored.posted.pop(taken, None)
         if stored.steps_bytes > max(COMPACT_MIN_BYTES, len(stored.snapshot)):
             self._compact(stored, session_id)
 

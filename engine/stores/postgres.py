@@ -294,6 +294,7 @@ class PostgresStore:
             record,
             checkpoint.inbox_seq,
             keys is not None,
+            list(checkpoint.events_consumed),
         )
         if row is None:
             found = await self._call("fetchrow", "why_not_committed", session_id)

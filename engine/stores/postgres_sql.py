@@ -152,8 +152,10 @@ STATEMENTS: dict[str, str] = {
         ), added AS (
             INSERT INTO {s}.steps (session_id, revision, record) SELECT id, $4, $9 FROM fenced
         ), absorbed AS (
-            -- $10 (the checkpoint's inbox_seq) is NULL when it absorbs no event
-            DELETE FROM {s}.events WHERE session_id IN (SELECT id FROM fenced) AND seq <= $10
+            -- $10 (the checkpoint's inbox_seq) is NULL when it absorbs no event; $12
+            -- the ids it takes: a retried post of one is the same event, not a new one
+            DELETE FROM {s}.events WHERE session_id IN (SELECT id FROM fenced)
+                AND (seq <= $10 OR event_id = ANY($12::text[]))
         )
         SELECT snapshot_bytes, steps_bytes FROM fenced""",
     "why_not_committed": """
