@@ -1,0 +1,161 @@
+"""The file store's reads: sessions read whole and listed, without any lock.
+
+A reader holds no lock, so another process may compact, append to or rekey the
+session while it reads; each read here retries until it sees one consistent view,
+and reports damage only once the same bytes fail twice. Each function takes the
+store: it reads through the store's folders and cached keys, and drops a cached
+key that a rekey elsewhere may have replaced.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from .. import codec
+from ..crypto import master_key_ids
+from ..errors import CorruptSessionError, DecryptionError, StorageError
+from ..models import Session, SessionInfo
+from . import file_inbox, file_records
+from .base import is_session_id
+from .file_inbox import INBOX
+from .file_listing import SessionHead
+from .file_records import SNAPSHOT, Tail
+
+if TYPE_CHECKING:
+    from .file import FileStore
+
+READ_ATTEMPTS = 10
+"""Reads of a session that another process is rewriting, before giving up."""
+
+_S = TypeVar("_S", Session, SessionHead)  # a whole session, or only what a listing shows
+
+
+def load(store: FileStore, session_id: str) -> Session | None:
+    """Read the session, then add the events posted past its ``inbox_seq``."""
+    previous: bytes | None = None
+    for _ in range(READ_ATTEMPTS):
+        folder = store._session_dir(session_id)
+        if folder is None:
+            return None
+        # The inbox is read first: an event dropped from it after this read was
+        # absorbed by a checkpoint that the session read next already holds.
+        posted = file_inbox.read(folder)
+        found = read_session(store, session_id)
+        if found is None:
+            return None
+        session = found[0]
+        try:
+            events = file_inbox.decode(
+                posted, folder / INBOX, store._keys(session_id), above=session.inbox_seq
+            ).events
+        except (CorruptSessionError, DecryptionError):
+            if previous == posted:  # the same bytes twice: real damage, not a rewrite
+                raise
+            previous = posted
+            store._forget_keys(session_id)  # rekeyed since its keys were cached?
+            continue
+        file_inbox.merge(session, events)
+        return session
+    raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
+
+
+def read_session(
+    store: FileStore,
+    session_id: str,
+    model: type[_S] = Session,  # type: ignore[assignment]
+) -> tuple[_S, Tail] | None:
+    """Read a consistent view of a session, even while another process writes it.
+
+    A reader holds no lock, so a compaction elsewhere (snapshot rename, then
+    journal truncation and new appends) may run between reading the two files:
+    a snapshot replaced meanwhile means read again, and so does a failed check
+    on bytes that changed under us. Corruption that reads the same twice is real.
+    """
+    previous: tuple[bytes, bytes] | None = None
+    for _ in range(READ_ATTEMPTS):
+        folder = store._session_dir(session_id)
+        if folder is None:
+            return None
+        try:
+            records = file_records.read(folder)
+        except FileNotFoundError:
+            if store._session_dir(session_id) is None:
+                return None  # deleted while we looked
+            raise CorruptSessionError(f"{folder / SNAPSHOT}: snapshot missing") from None
+        if records is None:
+            continue  # the snapshot was replaced while we read
+        snapshot, journal = records
+        try:
+            return _decode(store, session_id, folder, snapshot, journal, model)
+        except (CorruptSessionError, DecryptionError):
+            if previous == (snapshot, journal):
+                raise
+            previous = (snapshot, journal)
+            # The session may have been rekeyed since its keys were cached.
+            store._forget_keys(session_id)
+    raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
+
+
+def rows(store: FileStore, after: str | None, limit: int | None) -> list[SessionInfo]:
+    """Return the listing rows of the sessions whose ids sort after ``after``, in id order."""
+    names = sorted(
+        name
+        for name in os.listdir(store._root())
+        # Skips what is no session folder: .trash, an interrupted create, ...
+        if is_session_id(name) and (after is None or name > after)
+    )
+    listed = []
+    for name in names[:limit]:
+        try:
+            found = read_session(store, name, SessionHead)
+            if found is not None:  # a damaged inbox makes the session unreadable too
+                codec.scan_frames(file_inbox.read(found[1].folder), str(found[1].folder / INBOX))
+        except (StorageError, OSError) as exc:
+            # Unreadable (corrupt, undecryptable, a symlink, unreadable bytes):
+            # report it rather than hide it or fail the whole listing.
+            listed.append(SessionInfo(id=name, problem=str(exc)))
+            continue
+        if found is not None:
+            listed.append(found[0].info())
+    return listed
+
+
+def _decode(
+    store: FileStore,
+    session_id: str,
+    folder: Path,
+    snapshot: bytes,
+    journal: bytes,
+    model: type[_S],
+) -> tuple[_S, Tail]:
+    if store._encryption is not None and not store._vault.has_key(session_id):
+        store._forget_keys(session_id)  # shredded elsewhere: never read with a cached key
+    keys = store._keys(session_id)
+    try:
+        return file_records.decode(session_id, folder, snapshot, journal, keys, model)
+    except DecryptionError as exc:
+        if keys is None:
+            raise _explain_missing_key(store, session_id, exc) from None
+        raise
+
+
+def _explain_missing_key(
+    store: FileStore, session_id: str, exc: DecryptionError
+) -> DecryptionError:
+    """Say why a sealed record cannot be opened: no key given, or no data key left."""
+    record = store._vault.get_key(session_id)
+    if record is None and store._encryption is not None:
+        return DecryptionError(
+            f"{exc}: session {session_id} has no data key in {store.keys_path} "
+            "(shredded, or its key was not copied with its records)"
+        )
+    if record is not None and store._encryption is None:
+        masters = ", ".join(master_key_ids(session_id, record))
+        return DecryptionError(
+            f"session {session_id} is encrypted under master key {masters} and this "
+            "store was opened without a key: set SESSION_ENCRYPTION_KEY or pass "
+            "encryption_key"
+        )
+    return exc

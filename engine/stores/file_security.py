@@ -1,0 +1,164 @@
+"""The file store's security and integrity operations: shred, check, quarantine, rekey.
+
+Each function runs on a worker thread for one ``FileStore`` method and takes the
+store itself: they work through its folders, leases and cached keys, the same
+bookkeeping its storage primitives keep, so no second copy of it can drift.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import codec
+from ..crypto import RekeyOutcome
+from ..errors import (
+    CorruptSessionError,
+    DecryptionError,
+    EngineError,
+    SessionNotFoundError,
+    StorageError,
+)
+from . import file_compaction, file_inbox, file_reads
+from .base import Lease
+from .file_inbox import INBOX
+from .file_records import JOURNAL, SNAPSHOT
+from .fsutil import private_folder, read_file
+
+if TYPE_CHECKING:
+    from .file import FileStore
+
+QUARANTINE = ".quarantine"
+
+
+def shred(store: FileStore, session_id: str) -> bool:
+    """Destroy the session's data key, then its folder; return whether either existed."""
+    folder = store._session_dir(session_id)
+    destroyed = store._vault.delete_key(session_id)  # first: from here on, copies are dead
+    store._forget_keys(session_id)
+    if folder is None:
+        return destroyed  # a key left behind by an interrupted remove is shredded too
+    if not destroyed and not _sealed(folder / SNAPSHOT):
+        raise StorageError(
+            f"session {session_id} is stored in clear: it can be removed, but it has "
+            "no data key to shred"
+        )
+    return store._delete_sync(session_id)
+
+
+def check(store: FileStore, session_id: str) -> codec.SessionCheck:
+    """Check every live record of the session, and report the first problem found."""
+    folder = store._root() / session_id
+    try:
+        found = file_reads.read_session(store, session_id)
+        keys = store._keys(session_id)
+        posted = file_inbox.decode(file_inbox.read(folder), folder / INBOX, keys)
+    except DecryptionError as exc:
+        return codec.SessionCheck(session_id, "undecryptable", str(exc))
+    except CorruptSessionError as exc:
+        return codec.SessionCheck(session_id, "corrupt", str(exc))
+    except (StorageError, OSError) as exc:  # a symlink in place, permissions, I/O
+        return codec.SessionCheck(session_id, "unreadable", str(exc))
+    if found is None:
+        raise SessionNotFoundError(f"session {session_id} not found")
+    journal = folder / JOURNAL
+    torn = _torn_tail(
+        session_id, journal, journal.lstat().st_size if journal.exists() else 0, found[1].end
+    ) or _torn_tail(session_id, folder / INBOX, posted.size, posted.end)
+    if torn is not None:
+        return torn
+    return codec.SessionCheck(session_id, "ok", "encrypted" if keys is not None else "in clear")
+
+
+def quarantine(store: FileStore, session_id: str) -> str:
+    """Move a corrupt session's folder into ``.quarantine``; return where it went."""
+    verdict = check(store, session_id).verdict
+    if verdict != "corrupt":
+        raise StorageError(
+            f"session {session_id} is {verdict}, not corrupt: only corrupt sessions are quarantined"
+        )
+    root = store._root()
+    folder = private_folder(root / QUARANTINE, create=True)
+    assert folder is not None  # created above
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = folder / f"{session_id}.{stamp}"
+    # The key stays in place: the quarantined records stay readable for repair.
+    (root / session_id).rename(target)
+    store._sync_dir(root)
+    store._sync_dir(folder)
+    store._tails.pop(session_id, None)
+    store._forget_keys(session_id)
+    return str(target)
+
+
+def rekey(store: FileStore, session_id: str) -> RekeyOutcome:
+    """Rewrite the session under a fresh data key, holding its lease throughout."""
+    encryption = store._encryption
+    if encryption is None:
+        raise EngineError("rekey needs an encryption key: set SESSION_ENCRYPTION_KEY")
+    if not store._acquire_sync(Lease(session_id, "rekey", next(store._tokens))):
+        return "busy"
+    vault = store._vault
+    try:
+        encryption.prepare(vault)
+        record = vault.get_key(session_id)
+        if record is not None and encryption.is_current(session_id, record):
+            return "current"
+        found = file_reads.read_session(store, session_id)  # unreadable: raise, rewrite nothing
+        if found is None:
+            raise SessionNotFoundError(f"session {session_id} not found")
+        session, folder = found[0], store._root() / session_id
+        # The inbox too: unreadable, raise and rewrite nothing.
+        file_inbox.decode(file_inbox.read(folder), folder / INBOX, store._keys(session_id))
+        in_use, clear_in_use = _keys_in_use(folder)
+        # 1. the new data key joins the ones the records still use ...
+        keys, record = encryption.begin_rekey(
+            session_id, store._keys(session_id), in_use, clear_in_use
+        )
+        vault.put_key(session_id, record)
+        encryption.remember(keys)
+        # 2. ... the whole session is rewritten under it (atomically) ...
+        what = f"session {session_id}"
+        store._replace_whole(
+            folder, codec.encode_model(session.revision, session, what, keys), session
+        )
+        # Posted events too, numbers kept (a sender posting meanwhile reads the new
+        # key record, so it seals under the new key as well) ...
+        file_compaction.compact_inbox(store, folder, session_id, session.inbox_seq, reseal=True)
+        # 3. ... and only then are the old keys dropped.
+        keys, record = encryption.finish_rekey(session_id, keys)
+        vault.put_key(session_id, record)
+        encryption.remember(keys)
+        return "rekeyed"
+    finally:
+        store._unlock(session_id)
+
+
+def _torn_tail(session_id: str, path: Path, size: int, end: int) -> codec.SessionCheck | None:
+    """Report the bytes after a file's last complete record: an append never acknowledged."""
+    if size <= end:
+        return None
+    cut_by = "next event posted" if path.name == INBOX else "next checkpoint"
+    return codec.SessionCheck(
+        session_id,
+        "torn tail",
+        f"{path}: {size - end} bytes after the last complete record (offset {end}): an "
+        f"interrupted append, never acknowledged; the {cut_by} cuts it off",
+    )
+
+
+def _sealed(snapshot: Path) -> bool:
+    """Tell whether a snapshot's record is encrypted (its header alone says so)."""
+    head = read_file(snapshot, codec.HEADER_SIZE) or b""
+    return len(head) == codec.HEADER_SIZE and bool(head[3] & codec.FLAG_ENCRYPTED)
+
+
+def _keys_in_use(folder: Path) -> tuple[set[str], bool]:
+    """Return the data key ids a session's live records use, and whether any is in clear."""
+    snapshot = codec.scan_frames(read_file(folder / SNAPSHOT) or b"", str(folder / SNAPSHOT))
+    journal = codec.scan_frames(read_file(folder / JOURNAL) or b"", str(folder / JOURNAL))
+    revision = snapshot.frames[0].seq if snapshot.frames else 0
+    live = snapshot.frames + [frame for frame in journal.frames if frame.seq > revision]
+    ids = {codec.frame_key_id(frame) for frame in live} | file_inbox.key_ids(folder)
+    return {key_id for key_id in ids if key_id is not None}, None in ids
