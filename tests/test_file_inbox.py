@@ -11,10 +11,12 @@ test_power_loss.py does for checkpoints).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
 import stat
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from engine import (
 )
 from engine.crypto import KeyRing, generate_key
 from engine.models import Event, utcnow
+from engine.stores import file_inbox
 
 MakeSession = Callable[..., Session]
 KEY = os.urandom(32)  # a raw AES-256 key: no passphrase stretching on every open
@@ -344,6 +347,71 @@ async def test_rekey_reseals_the_inbox_keeping_numbers_and_a_stale_sender_follow
     assert (await rekeyer.rekey(session.id)) == "current"
     for store in (creator, sender, rekeyer):
         await store.close()
+
+
+@pytest.mark.parametrize("posted_before", [0, 2], ids=["first event", "more events"])
+async def test_a_rekey_waits_for_a_sender_that_holds_the_inbox(
+    tmp_path: Path, make_session: MakeSession, monkeypatch: pytest.MonkeyPatch, posted_before: int
+) -> None:
+    # Given an encrypted session, and a sender that has read the key file and is
+    # about to append its event (holding inbox.lock) when a rekey starts elsewhere
+    old, new = generate_key(), generate_key()
+    root = tmp_path / "sessions"
+    sender = FileStore(root, encryption_key=old)
+    session = make_session()
+    await sender.create(session)
+    for n in range(posted_before):
+        await sender.post_event(session.id, an_event(payload=n))
+    rekeyer = FileStore(root, encryption_key=KeyRing(new, [old]))
+    rekey_done = threading.Event()
+    outcomes: list[str] = []
+
+    def rekey_elsewhere() -> None:
+        outcomes.append(asyncio.run(rekeyer.rekey(session.id)))
+        rekey_done.set()
+
+    real_append = file_inbox.append
+
+    def append_while_a_rekey_starts(folder: Path, record: bytes, end: int, *, sync: bool) -> None:
+        threading.Thread(target=rekey_elsewhere, daemon=True).start()
+        # When the rekey runs while the sender holds the inbox, it must wait for it:
+        # finishing now would drop the data key this record is sealed under.
+        assert not rekey_done.wait(timeout=1.0), "the rekey did not wait for the sender"
+        real_append(folder, record, end, sync=sync)
+
+    monkeypatch.setattr(file_inbox, "append", append_while_a_rekey_starts)
+    number = await sender.post_event(session.id, an_event(payload="late"))
+    monkeypatch.setattr(file_inbox, "append", real_append)
+    assert await asyncio.to_thread(rekey_done.wait, 30)
+
+    # Then the rekey went through after the post, and the posted event is readable
+    assert outcomes == ["rekeyed"]
+    reader = FileStore(root, encryption_key=KeyRing(new, [old]))
+    loaded = await reader.load(session.id)
+    assert loaded is not None
+    assert [event.seq for event in loaded.inbox][-1] == number == posted_before + 1
+    assert (await reader.check(session.id)).verdict == "ok"
+
+
+async def test_shred_refuses_when_the_keys_folder_is_missing(
+    tmp_path: Path, make_session: MakeSession
+) -> None:
+    # Given an encrypted session whose keys live in a folder of their own
+    root, keys = tmp_path / "sessions", tmp_path / "keys"
+    store = FileStore(root, encryption_key=KEY, keys_path=keys)
+    session = make_session()
+    await store.create(session)
+
+    # When that folder is not there (not mounted, or another path configured)
+    hidden = keys.rename(tmp_path / "keys-elsewhere")
+
+    # Then shred refuses, and removes nothing: the key it cannot reach would live on
+    with pytest.raises(StorageError, match="keys folder"):
+        await store.shred(session.id)
+    assert (root / session.id).is_dir()
+    hidden.rename(keys)
+    assert await store.shred(session.id)
+    assert not (root / session.id).exists()
 
 
 # -- a disk fault and power cuts ---------------------------------------------------

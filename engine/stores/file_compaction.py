@@ -74,13 +74,20 @@ def compact_inbox(
     """
     if file_inbox.size(folder) == 0:
         return
-    keys = store._keys(session_id)
     with file_inbox.locked(folder, session_id):
-        data = file_inbox.read(folder)
-        posted = file_inbox.decode(data, folder / INBOX, keys, above=absorbed)
-        if posted.absorbed or reseal or posted.end != posted.size:
-            rewritten = file_inbox.rewritten(posted, keys, session_id)
-            file_inbox.replace(folder, rewritten, sync=store._sync)
+        rewrite_inbox(store, folder, session_id, absorbed, reseal=reseal)
+
+
+def rewrite_inbox(
+    store: FileStore, folder: Path, session_id: str, absorbed: int, *, reseal: bool = False
+) -> None:
+    """``compact_inbox``'s work, for a caller that holds ``inbox.lock`` already."""
+    keys = store._keys(session_id)
+    data = file_inbox.read(folder)
+    posted = file_inbox.decode(data, folder / INBOX, keys, above=absorbed)
+    if posted.absorbed or (reseal and posted.size) or posted.end != posted.size:
+        rewritten = file_inbox.rewritten(posted, keys, session_id)
+        file_inbox.replace(folder, rewritten, sync=store._sync)
 
 
 def compact_inbox_quietly(store: FileStore, folder: Path, session_id: str, absorbed: int) -> None:

@@ -17,6 +17,7 @@ from ..errors import (
     CorruptSessionError,
     DecryptionError,
     EngineError,
+    SessionBusyError,
     SessionNotFoundError,
     StorageError,
 )
@@ -44,22 +45,37 @@ def shred(store: FileStore, session_id: str) -> bool:
             f"session {session_id} is stored in clear: it can be removed, but it has "
             "no data key to shred"
         )
+    if not destroyed and not store.keys_path.is_dir():
+        # Its key must be somewhere else (a keys folder not mounted, or not this
+        # one): deleting the records would report a shred that left the key alive.
+        raise StorageError(
+            f"session {session_id} is encrypted but the keys folder {store.keys_path} "
+            "is missing: its data key cannot be destroyed, so nothing was removed"
+        )
     return store._delete_sync(session_id)
 
 
 def check(store: FileStore, session_id: str) -> codec.SessionCheck:
     """Check every live record of the session, and report the first problem found."""
     folder = store._root() / session_id
-    try:
-        found = file_reads.read_session(store, session_id)
-        keys = store._keys(session_id)
-        posted = file_inbox.decode(file_inbox.read(folder), folder / INBOX, keys)
-    except DecryptionError as exc:
-        return codec.SessionCheck(session_id, "undecryptable", str(exc))
-    except CorruptSessionError as exc:
-        return codec.SessionCheck(session_id, "corrupt", str(exc))
-    except (StorageError, OSError) as exc:  # a symlink in place, permissions, I/O
-        return codec.SessionCheck(session_id, "unreadable", str(exc))
+    for retried in (False, True):
+        try:
+            found = file_reads.read_session(store, session_id)
+            keys = store._keys(session_id)
+            posted = file_inbox.decode(file_inbox.read(folder), folder / INBOX, keys)
+            break
+        except (DecryptionError, CorruptSessionError) as exc:
+            if not retried:
+                # Rekeyed by another process between reading the session and its
+                # inbox? Read both again with the keys as they are now.
+                store._forget_keys(session_id)
+                continue
+            verdict: codec.Verdict = (
+                "undecryptable" if isinstance(exc, DecryptionError) else "corrupt"
+            )
+            return codec.SessionCheck(session_id, verdict, str(exc))
+        except (StorageError, OSError) as exc:  # a symlink in place, permissions, I/O
+            return codec.SessionCheck(session_id, "unreadable", str(exc))
     if found is None:
         raise SessionNotFoundError(f"session {session_id} not found")
     journal = folder / JOURNAL
@@ -72,12 +88,27 @@ def check(store: FileStore, session_id: str) -> codec.SessionCheck:
 
 
 def quarantine(store: FileStore, session_id: str) -> str:
-    """Move a corrupt session's folder into ``.quarantine``; return where it went."""
-    verdict = check(store, session_id).verdict
-    if verdict != "corrupt":
-        raise StorageError(
-            f"session {session_id} is {verdict}, not corrupt: only corrupt sessions are quarantined"
-        )
+    """Move a corrupt session's folder into ``.quarantine``; return where it went.
+
+    Checked again under the session's lock, so a rekey or a runner at work in
+    another process (whose rewrite can read as damage mid-way) is never mistaken
+    for corruption and moved away.
+    """
+    if not store._acquire_sync(Lease(session_id, "quarantine", next(store._tokens))):
+        raise SessionBusyError(f"session {session_id} is in use: quarantine it once it is free")
+    try:
+        verdict = check(store, session_id).verdict
+        if verdict != "corrupt":
+            raise StorageError(
+                f"session {session_id} is {verdict}, not corrupt: only corrupt sessions "
+                "are quarantined"
+            )
+        return _move_aside(store, session_id)
+    finally:
+        store._unlock(session_id)
+
+
+def _move_aside(store: FileStore, session_id: str) -> str:
     root = store._root()
     folder = private_folder(root / QUARANTINE, create=True)
     assert folder is not None  # created above
@@ -109,27 +140,29 @@ def rekey(store: FileStore, session_id: str) -> RekeyOutcome:
         if found is None:
             raise SessionNotFoundError(f"session {session_id} not found")
         session, folder = found[0], store._root() / session_id
-        # The inbox too: unreadable, raise and rewrite nothing.
-        file_inbox.decode(file_inbox.read(folder), folder / INBOX, store._keys(session_id))
-        in_use, clear_in_use = _keys_in_use(folder)
-        # 1. the new data key joins the ones the records still use ...
-        keys, record = encryption.begin_rekey(
-            session_id, store._keys(session_id), in_use, clear_in_use
-        )
-        vault.put_key(session_id, record)
-        encryption.remember(keys)
-        # 2. ... the whole session is rewritten under it (atomically) ...
-        what = f"session {session_id}"
-        store._replace_whole(
-            folder, codec.encode_model(session.revision, session, what, keys), session
-        )
-        # Posted events too, numbers kept (a sender posting meanwhile reads the new
-        # key record, so it seals under the new key as well) ...
-        file_compaction.compact_inbox(store, folder, session_id, session.inbox_seq, reseal=True)
-        # 3. ... and only then are the old keys dropped.
-        keys, record = encryption.finish_rekey(session_id, keys)
-        vault.put_key(session_id, record)
-        encryption.remember(keys)
+        # Senders wait until the rekey is done: one that read the key file before a
+        # step below would seal its event under a key the next step drops.
+        with file_inbox.locked(folder, session_id):
+            # The inbox too: unreadable, raise and rewrite nothing.
+            file_inbox.decode(file_inbox.read(folder), folder / INBOX, store._keys(session_id))
+            in_use, clear_in_use = _keys_in_use(folder)
+            # 1. the new data key joins the ones the records still use ...
+            keys, record = encryption.begin_rekey(
+                session_id, store._keys(session_id), in_use, clear_in_use
+            )
+            vault.put_key(session_id, record)
+            encryption.remember(keys)
+            # 2. ... the whole session is rewritten under it (atomically), posted
+            # events too, their numbers kept ...
+            what = f"session {session_id}"
+            store._replace_whole(
+                folder, codec.encode_model(session.revision, session, what, keys), session
+            )
+            file_compaction.rewrite_inbox(store, folder, session_id, session.inbox_seq, reseal=True)
+            # 3. ... and only then are the old keys dropped.
+            keys, record = encryption.finish_rekey(session_id, keys)
+            vault.put_key(session_id, record)
+            encryption.remember(keys)
         return "rekeyed"
     finally:
         store._unlock(session_id)
