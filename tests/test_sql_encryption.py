@@ -323,6 +323,33 @@ async def test_a_changed_byte_in_any_record_is_detected(
         assert await make(key).load(session.id) is not None
 
 
+async def test_a_deleted_last_step_is_detected_not_rolled_back_to(
+    kind: str, make: Callable[..., Store], make_session: MakeSession
+) -> None:
+    shared(kind)
+    key = generate_key()
+    store = make(key)
+    session = secret_session(make_session)
+    await build(store, session, steps=2)
+    steps_table = "stepvault_steps" if kind == "sqlite" else "steps"
+    found = await rows(store, steps_table, "record", "session_id", session.id)
+
+    # Given the session's last step record deleted (each record alone still valid)
+    last_place, _ = found[-1]
+    if isinstance(store, SQLiteStore):
+        with closing(sqlite3.connect(store.path, isolation_level=None)) as db:
+            db.execute(f"DELETE FROM {steps_table} WHERE rowid = ?", (last_place,))  # noqa: S608
+    else:
+        assert isinstance(store, PostgresStore)
+        pool = await store._connect()
+        await pool.execute(f"DELETE FROM {store.schema}.steps WHERE {last_place}")  # noqa: S608
+
+    # Then the session does not load one checkpoint back in time: it is corrupt
+    with pytest.raises(CorruptSessionError, match="step records are missing"):
+        await make(key).load(session.id)
+    assert (await make(key).check(session.id)).verdict == "corrupt"  # type: ignore[attr-defined]
+
+
 async def test_records_swapped_between_sessions_are_detected(
     kind: str, make: Callable[..., Store], make_session: MakeSession
 ) -> None:

@@ -78,6 +78,7 @@ from .postgres_sql import (
 )
 from .sql import (
     COMPACT_MIN_BYTES,
+    check_complete,
     encode_event,
     failed_check,
     missing_key,
@@ -202,6 +203,7 @@ class PostgresStore:
         steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
         events = list(zip(row["seqs"] or (), row["events"] or (), strict=True)) if posted else []
         source = f"postgres {self.schema} session {session_id}"
+        check_complete(source, row["snapshot_revision"], steps, row["revision"])
         key_record = row["key_record"]
 
         def decode(keys: SessionKeys | None) -> Session:

@@ -111,7 +111,8 @@ STATEMENTS: dict[str, str] = {
     # One statement, so the snapshot, the steps after it and the posted events
     # come from one snapshot.
     "load": """
-        SELECT s.snapshot, s.snapshot_revision, st.revisions, st.records, ev.seqs, ev.events,
+        SELECT s.snapshot, s.snapshot_revision, s.revision, st.revisions, st.records,
+            ev.seqs, ev.events,
             (SELECT record FROM {s}.session_keys WHERE name = s.id::text) AS key_record
         FROM {s}.sessions AS s CROSS JOIN LATERAL (
             SELECT array_agg(revision ORDER BY revision) AS revisions,

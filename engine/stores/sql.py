@@ -22,9 +22,9 @@ choose the keys to open a session's records with and explain a missing one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from .. import codec
 from ..crypto import Encryption, SessionKeys, master_key_ids
@@ -80,6 +80,25 @@ def rebuild_session(
         if event.seq is not None and event.seq > session.inbox_seq and event.id not in known:
             session.inbox.append(event)
     return session
+
+
+def check_complete(
+    source: str, snapshot_revision: int, steps: Sequence[tuple[int, Any]], revision: int
+) -> None:
+    """Refuse a session whose step records stop short of the revision its row records.
+
+    Each record is sealed and numbered, so a deleted *last* step would otherwise
+    go unnoticed: the session would load one checkpoint back in time (a rollback).
+
+    Raises:
+        CorruptSessionError: records are missing at the end.
+    """
+    last = steps[-1][0] if steps else snapshot_revision
+    if last != revision:
+        raise CorruptSessionError(
+            f"{source}: its records end at revision {last}, but it is at revision "
+            f"{revision}: step records are missing"
+        )
 
 
 def decode_events(

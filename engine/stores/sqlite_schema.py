@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import SessionNotFoundError, StorageError
 from ..models import Checkpoint, Session
 from .base import Lease
-from .sql import refuse_commit
+from .sql import check_complete, refuse_commit
 
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT = 60.0
@@ -205,7 +205,7 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
 def fetch(db: sqlite3.Connection, session_id: str, *, posted: bool) -> Fetched | None:
     """Read a session's records and key row (the caller holds a transaction)."""
     row = db.execute(
-        "SELECT record, snapshot_revision FROM stepvault_sessions"
+        "SELECT record, snapshot_revision, revision FROM stepvault_sessions"
         " JOIN stepvault_snapshots ON session_id = id WHERE id = ?",
         (session_id,),
     ).fetchone()
@@ -216,6 +216,7 @@ def fetch(db: sqlite3.Connection, session_id: str, *, posted: bool) -> Fetched |
         " WHERE session_id = ? AND revision > ? ORDER BY revision",
         (session_id, row[1]),
     ).fetchall()
+    check_complete(f"session {session_id}", row[1], steps, row[2])
     events = (
         db.execute(
             "SELECT seq, record FROM stepvault_events WHERE session_id = ? ORDER BY seq",
