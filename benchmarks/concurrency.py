@@ -1,18 +1,20 @@
 """Durable checkpoints per second with many sessions running at once.
 
-python benchmarks/concurrency.py SESSIONS STEPS STORE   # prints one JSON object
+python benchmarks/concurrency.py SESSIONS STEPS STORE [PROCESSES]   # prints one JSON object
 
 STORE is ``file`` (FileStore, durability fsync), ``file-batch`` (FileStore with
 group commit), ``sqlite`` or ``sqlite-batch``. Every session runs STEPS trivial steps
-(a 512-byte output each) on one runner; the figure counts every checkpoint the
-store made durable (a session's revision) over the wall time from the first
-start to the last session completed.
+(a 512-byte output each); the figure counts every checkpoint the store made
+durable (a session's revision) over the wall time from the first start to the
+last session completed. With PROCESSES > 1, that many runner processes share the
+one store, each running its share of the sessions, all started together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,25 +48,35 @@ def _store(kind: str, folder: Path) -> Store:
     raise SystemExit(f"unknown store {kind!r}")
 
 
-async def main(sessions: int, steps: int, kind: str) -> dict[str, Any]:
-    """Run ``sessions`` sessions of ``steps`` steps at once and return the figures."""
+async def run_share(root: Path, kind: str, sessions: int, steps: int) -> dict[str, Any]:
+    """Run ``sessions`` sessions at once on one runner; return when it began and ended."""
     workflow = _workflow(steps)
-    with tempfile.TemporaryDirectory(prefix="stepvault-burst-") as root:
-        store = _store(kind, Path(root))
-        async with Runner(
-            store, [workflow], cleanup_interval=None, max_concurrency=sessions
-        ) as runner:
-            begin = time.perf_counter()
-            ids = [await runner.start(workflow, None) for _ in range(sessions)]
-            await asyncio.gather(*(runner.wait(session_id) for session_id in ids))
-            elapsed = time.perf_counter() - begin
-            loaded = [await store.load(session_id) for session_id in ids]
-        checkpoints = sum(session.revision for session in loaded if session is not None)
-        done = sum(1 for s in loaded if s is not None and s.status == "completed")
-    if done != sessions:
-        raise RuntimeError(f"only {done} of {sessions} sessions completed")
+    store = _store(kind, root)
+    async with Runner(store, [workflow], cleanup_interval=None, max_concurrency=sessions) as runner:
+        begin = time.time()  # wall clock: comparable between processes
+        ids = [await runner.start(workflow, None) for _ in range(sessions)]
+        await asyncio.gather(*(runner.wait(session_id) for session_id in ids))
+        end = time.time()
+        loaded = [await store.load(session_id) for session_id in ids]
+    done = [s for s in loaded if s is not None and s.status == "completed"]
+    if len(done) != sessions:
+        raise RuntimeError(f"only {len(done)} of {sessions} sessions completed")
+    return {"begin": begin, "end": end, "checkpoints": sum(s.revision for s in done)}
+
+
+def main(sessions: int, steps: int, kind: str, processes: int = 1) -> dict[str, Any]:
+    """Run the sessions on ``processes`` runners sharing one store; return the figures."""
+    with tempfile.TemporaryDirectory(prefix="stepvault-burst-") as folder:
+        root = Path(folder)
+        if processes == 1:
+            shares = [asyncio.run(run_share(root, kind, sessions, steps))]
+        else:
+            shares = _in_processes(root, kind, sessions // processes, steps, processes)
+    elapsed = max(s["end"] for s in shares) - min(s["begin"] for s in shares)
+    checkpoints = sum(s["checkpoints"] for s in shares)
     return {
         "store": kind,
+        "processes": processes,
         "sessions": sessions,
         "steps": steps,
         "checkpoints": checkpoints,
@@ -73,5 +85,41 @@ async def main(sessions: int, steps: int, kind: str) -> dict[str, Any]:
     }
 
 
+def _in_processes(
+    root: Path, kind: str, share: int, steps: int, processes: int
+) -> list[dict[str, Any]]:
+    """Start the runner processes, let them all go at once, and collect their shares."""
+    command = [sys.executable, __file__, "share", str(root), kind, str(share), str(steps)]
+    children = [
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+    for child in children:  # every one imported and ready before any starts
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("a runner process did not start")
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    shares = []
+    for child in children:
+        out, _ = child.communicate(timeout=3600)
+        if child.returncode != 0:
+            raise RuntimeError(f"a runner process failed ({child.returncode})")
+        shares.append(json.loads(out.strip().splitlines()[-1]))
+    return shares
+
+
+def _share_process(root: str, kind: str, sessions: int, steps: int) -> None:
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(json.dumps(asyncio.run(run_share(Path(root), kind, sessions, steps))))
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))))
+    if sys.argv[1] == "share":
+        _share_process(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        processes = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+        print(json.dumps(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], processes)))
