@@ -11,6 +11,7 @@ import re
 import sqlite3
 import stat
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -192,6 +193,38 @@ async def test_a_commit_waits_for_another_processs_write_without_blocking_the_lo
         await holder.communicate()
     session.apply(checkpoint)
     assert await sqlite_store.load(session.id) == session
+
+
+def test_workers_opening_a_new_database_together_all_get_in(tmp_path: Path) -> None:
+    # Given several workers (threads here: SQLite's file locks behave as between
+    # processes) that open the same new database at the same instant, many times
+    failures: list[BaseException] = []
+    for round_ in range(100):
+        path = tmp_path / f"round-{round_}" / "sessions.db"
+        start = threading.Barrier(4)
+
+        def open_it(path: Path = path, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                asyncio.run(_migrate_and_close(SQLiteStore(path)))
+            except BaseException as exc:  # collected: an error in a thread is lost
+                failures.append(exc)
+
+        workers = [threading.Thread(target=open_it) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    # Then none was refused ("database is locked" while another switched it to WAL)
+    assert failures == []
+
+
+async def _migrate_and_close(store: SQLiteStore) -> None:
+    try:
+        assert await store.migrate() == SCHEMA_VERSION
+    finally:
+        await store.close()
 
 
 # -- schema -------------------------------------------------------------------------

@@ -108,6 +108,27 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
+def _switch_to_wal(db: sqlite3.Connection, path: Path) -> str:
+    """Put the database in WAL mode; return the mode SQLite reports.
+
+    Processes opening a new database together race to switch its journal mode,
+    and SQLite answers the losers "database is locked" at once, without its busy
+    handler: wait and try again, for as long as any other lock would wait.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    pause = 0.005
+    while True:
+        try:
+            mode: str = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)  # on the store's thread, never the event loop's
+            pause = min(pause * 2, 0.1)
+            continue
+        return mode
+
+
 def connect(path: Path, *, synchronous: str, secure_delete: bool) -> sqlite3.Connection:
     """Open (creating if need be) and migrate the database in WAL mode.
 
@@ -128,7 +149,7 @@ def connect(path: Path, *, synchronous: str, secure_delete: bool) -> sqlite3.Con
     _create_file(path)
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
     try:
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _switch_to_wal(db, path)
         if mode != "wal":
             raise StorageError(f"{path}: cannot use WAL mode (got {mode!r})")
         db.execute(f"PRAGMA synchronous = {synchronous}")
