@@ -92,6 +92,8 @@ class Driver:
             raise
 
     def _spawn(self, session_id: str, *, retry_failed: bool) -> asyncio.Task[Any]:
+        if self._closing:
+            raise EngineError(f"this runner is closed: session {session_id} was not started")
         task = asyncio.get_running_loop().create_task(
             self._drive(session_id, retry_failed=retry_failed), name=f"stepvault-{session_id}"
         )
@@ -106,6 +108,8 @@ class Driver:
         ``resume_all`` over 100,000 stored sessions must not hold 100,000 tasks (and
         their sessions) in memory; a backlog of ids costs a string each.
         """
+        if self._closing:
+            return
         self._backlog.update(dict.fromkeys(i for i in session_ids if i not in self._tasks))
         self._feed()
 

@@ -316,12 +316,11 @@ class Runner(Operations):
 
     async def close(self) -> None:
         """Cancel the steps in flight, then close the session manager and the store."""
-        self._closing = True  # a resume_all meanwhile schedules nothing that would start
+        self._closing = True  # for good: a resume_all still walking starts nothing more
         self._backlog.clear()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._backlog.clear()
-        self._closing = False
         await self.sessions.close()

@@ -35,6 +35,8 @@ from engine import (
     codec,
 )
 from engine.models import Event, utcnow
+from engine.stores import file_reads
+from engine.stores.base import list_pages
 
 MakeSession = Callable[..., Session]
 MakeFileStore = Callable[..., FileStore]
@@ -328,6 +330,32 @@ async def test_leftovers_of_interrupted_creates_and_deletes_are_not_listed(
 
     assert [row.id for row in rows] == [session.id]
     assert await file_store.load(stray.id) is None
+
+
+async def test_a_page_skips_sessions_deleted_while_it_is_read_and_stays_full(
+    file_store: FileStore, make_session: MakeSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given six sessions, the first two of which another process deletes just as a
+    # listing reads them
+    sessions = sorted((make_session() for _ in range(6)), key=lambda s: s.id)
+    for session in sessions:
+        await file_store.create(session)
+    doomed = {sessions[0].id, sessions[1].id}
+    real_read = file_reads.read_session
+
+    def read_after_a_delete(store: FileStore, session_id: str, *args: Any) -> Any:
+        if session_id in doomed:
+            doomed.discard(session_id)
+            store._delete_sync(session_id)
+        return real_read(store, session_id, *args)
+
+    monkeypatch.setattr(file_reads, "read_session", read_after_a_delete)
+
+    # When the first page of two is read, Then it is full, and the walk finds the rest
+    page = await file_store.list_page(None, 2)
+    assert [row.id for row in page] == [sessions[2].id, sessions[3].id]
+    walked = [row.id async for rows in list_pages(file_store, limit=2) for row in rows]
+    assert walked == [s.id for s in sessions[2:]]
 
 
 # -- locks between instances and processes --------------------------------------

@@ -26,8 +26,10 @@ from workflow_support import QUICK_RETRY, Stores
 from workflow_support import eventually as _eventually
 
 from engine import (
+    EngineError,
     FileStore,
     InvalidSessionIdError,
+    MemoryStore,
     Runner,
     SerializationError,
     Session,
@@ -1077,6 +1079,59 @@ async def test_a_session_cancelled_in_the_backlog_never_starts(stores: Stores) -
             await runner.wait(queued)
         assert (await _load(runner.store, queued)).status == "cancelled"
         assert held.waiting == {running}
+
+
+class _SlowSecondPage(MemoryStore):
+    """A memory store whose second page of a listing comes when the test says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second_page = asyncio.Event()
+        self.walking = asyncio.Event()
+
+    async def list_page(self, after: str | None = None, limit: int = 1000) -> list[Any]:
+        if after is not None:
+            self.walking.set()
+            await self.second_page.wait()
+        return await super().list_page(after, 1)  # a page per session
+
+
+async def test_a_closed_runner_starts_nothing_a_walk_in_flight_finds_later() -> None:
+    started: list[str] = []
+    wf = Workflow("late")
+
+    @wf.step
+    async def only(ctx: StepContext, value: int) -> int:
+        started.append(ctx.session_id)
+        return value
+
+    # Given two unfinished sessions that nobody runs, and a runner walking the store
+    store = _SlowSecondPage()
+    runner = Runner(store, [wf])
+    sids = []
+    for _ in range(2):
+        session = runner.sessions.new_session(ttl=3600)
+        session.workflow = wf.name
+        session.workflow_version = wf.version
+        session.workflow_fingerprint = wf.fingerprint
+        session.input = 1
+        await store.create(session)
+        sids.append(session.id)
+    sids.sort()
+    walk = asyncio.ensure_future(runner.resume_all())
+    await asyncio.wait_for(store.walking.wait(), 10)
+    await _eventually(lambda: runner.active == 0 and len(started) == 1)
+
+    # When the runner closes while its walk waits for the second page
+    await runner.close()
+    store.second_page.set()
+    await asyncio.wait_for(walk, 10)
+
+    # Then the session on that page is not started, and a closed runner says so
+    assert runner.active == 0
+    assert len(started) == 1
+    with pytest.raises(EngineError, match="closed"):
+        await runner.wait(sids[1])
 
 
 async def test_a_session_suspended_on_an_event_gives_its_slot_to_the_backlog(

@@ -349,6 +349,13 @@ async def test_a_deleted_last_step_is_detected_not_rolled_back_to(
         await make(key).load(session.id)
     assert (await make(key).check(session.id)).verdict == "corrupt"  # type: ignore[attr-defined]
 
+    # And a rekey refuses it rather than make the rollback permanent
+    rekeyer = make(KeyRing(generate_key(), [key]))
+    with pytest.raises(CorruptSessionError, match="step records are missing"):
+        await rekeyer.rekey(session.id)  # type: ignore[attr-defined]
+    with pytest.raises(CorruptSessionError):
+        await make(key).load(session.id)
+
 
 async def test_records_swapped_between_sessions_are_detected(
     kind: str, make: Callable[..., Store], make_session: MakeSession

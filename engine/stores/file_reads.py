@@ -106,8 +106,10 @@ def rows(store: FileStore, after: str | None, limit: int | None) -> list[Session
         # Skips what is no session folder: .trash, an interrupted create, ...
         if is_session_id(name) and (after is None or name > after)
     )
-    listed = []
-    for name in names[:limit]:
+    listed: list[SessionInfo] = []
+    for name in names:
+        if limit is not None and len(listed) >= limit:
+            break  # full; a session deleted while read is skipped, not counted
         try:
             found = read_session(store, name, SessionHead)
             if found is not None:  # a damaged inbox makes the session unreadable too

@@ -16,6 +16,7 @@ from ..errors import SessionNotFoundError
 from ..models import Event, Session
 from .sql import (
     Rekeyed,
+    check_complete,
     decode_events,
     in_clear,
     open_records,
@@ -86,6 +87,8 @@ def _rekeyed(encryption: Encryption, session_id: str, row: Any, source: str) -> 
     """Decode a session's rows under its current keys and seal them anew."""
     steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
     events = list(zip(row["seqs"] or (), row["events"] or (), strict=True))
+    # Missing last steps: refuse, or the rewrite would make the rollback permanent.
+    check_complete(source, row["snapshot_revision"], steps, row["revision"])
 
     def decode(keys: SessionKeys | None) -> tuple[Session, list[Event]]:
         session = rebuild_session(
