@@ -41,7 +41,7 @@ from engine import (
 )
 from engine.crypto import KeyRing, generate_key
 from engine.models import Event, utcnow
-from engine.stores import file_inbox
+from engine.stores import file_compaction, file_inbox
 
 MakeSession = Callable[..., Session]
 KEY = os.urandom(32)  # a raw AES-256 key: no passphrase stretching on every open
@@ -391,6 +391,44 @@ async def test_a_rekey_waits_for_a_sender_that_holds_the_inbox(
     assert loaded is not None
     assert [event.seq for event in loaded.inbox][-1] == number == posted_before + 1
     assert (await reader.check(session.id)).verdict == "ok"
+
+
+async def test_a_shred_during_a_rekey_waits_and_its_key_stays_destroyed(
+    tmp_path: Path, make_session: MakeSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given an encrypted session being rekeyed, and a shred arriving mid-way
+    old, new = generate_key(), generate_key()
+    root = tmp_path / "sessions"
+    store = FileStore(root, encryption_key=old)
+    session = make_session()
+    await store.create(session)
+    await store.post_event(session.id, an_event())
+    shredder = FileStore(root, encryption_key=KeyRing(new, [old]))
+    shred_done = threading.Event()
+    shredded: list[bool] = []
+
+    def shred_elsewhere() -> None:
+        shredded.append(asyncio.run(shredder.shred(session.id)))
+        shred_done.set()
+
+    real_rewrite = file_compaction.rewrite_inbox
+
+    def rewrite_while_a_shred_starts(*args: Any, **kwargs: Any) -> None:
+        threading.Thread(target=shred_elsewhere, daemon=True).start()
+        # When the shred runs while the rekey is rewriting, it must wait for it:
+        # otherwise the rekey writes the destroyed key back right after
+        assert not shred_done.wait(timeout=1.0), "the shred did not wait for the rekey"
+        real_rewrite(*args, **kwargs)
+
+    monkeypatch.setattr(file_compaction, "rewrite_inbox", rewrite_while_a_shred_starts)
+    rekeyer = FileStore(root, encryption_key=KeyRing(new, [old]))
+    assert await rekeyer.rekey(session.id) == "rekeyed"
+    assert await asyncio.to_thread(shred_done.wait, 30)
+
+    # Then the shred went through after the rekey: no key and no session are left
+    assert shredded == [True]
+    assert not (root / ".keys" / f"{session.id}.key").exists()
+    assert not (root / session.id).exists()
 
 
 async def test_shred_refuses_when_the_keys_folder_is_missing(

@@ -36,10 +36,15 @@ QUARANTINE = ".quarantine"
 def shred(store: FileStore, session_id: str) -> bool:
     """Destroy the session's data key, then its folder; return whether either existed."""
     folder = store._session_dir(session_id)
-    destroyed = store._vault.delete_key(session_id)  # first: from here on, copies are dead
-    store._forget_keys(session_id)
-    if folder is None:
-        return destroyed  # a key left behind by an interrupted remove is shredded too
+    if folder is None:  # a key left behind by an interrupted remove is shredded too
+        return _destroy_key(store, session_id)
+    try:
+        # Under the inbox lock: a rekey holds it while it rewrites the key file, and
+        # would otherwise write back the very key destroyed here.
+        with file_inbox.locked(folder, session_id):
+            destroyed = _destroy_key(store, session_id)
+    except SessionNotFoundError:  # removed meanwhile: its key may be all that is left
+        return _destroy_key(store, session_id)
     if not destroyed and not _sealed(folder / SNAPSHOT):
         raise StorageError(
             f"session {session_id} is stored in clear: it can be removed, but it has "
@@ -53,6 +58,12 @@ def shred(store: FileStore, session_id: str) -> bool:
             "is missing: its data key cannot be destroyed, so nothing was removed"
         )
     return store._delete_sync(session_id)
+
+
+def _destroy_key(store: FileStore, session_id: str) -> bool:
+    destroyed = store._vault.delete_key(session_id)  # first: from here on, copies are dead
+    store._forget_keys(session_id)
+    return destroyed
 
 
 def check(store: FileStore, session_id: str) -> codec.SessionCheck:
