@@ -4,7 +4,8 @@ A helper for test_power_loss.py and test_io_faults.py, not a test module.
 
 The file store does its file I/O through the ``os`` module its modules import
 (``engine/stores/file.py`` and its helpers), plus ``Path.mkdir``, ``Path.rename``,
-``Path.unlink``, ``Path.lstat`` and ``shutil.rmtree``. ``record_io`` swaps every
+``Path.unlink``, ``Path.lstat``, ``shutil.rmtree`` and group commit's ``syncfs``
+(which syncs every file and folder at once). ``record_io`` swaps every
 engine module's ``os`` and those methods for proxies that perform every call
 for real and apply each one that changes the disk to a ``DiskModel``. The model
 keeps, for every file and folder, what reads see (the page cache) apart from what
@@ -51,6 +52,7 @@ from typing import IO, Any
 import pytest
 
 import engine
+from engine.stores import group_sync
 
 CRASH_MODELS: dict[str, tuple[str, str]] = {
     # name: (which names the folders hold, which bytes the files hold)
@@ -258,6 +260,19 @@ class DiskModel:
         self.fds[fd] = (node, str(Path(path).relative_to(self.root)))
         return changed
 
+    def sync_all(self, *, ok: bool) -> None:
+        """Sync every file and folder the page cache holds (``syncfs``)."""
+
+        def walk(folder: DirNode) -> None:
+            folder.sync(ok)
+            for node in folder.cache.values():
+                if isinstance(node, DirNode):
+                    walk(node)
+                else:
+                    node.sync(ok)
+
+        walk(self.top)
+
     def file(self, fd: int) -> FileNode:
         node = self.fds[fd][0]
         assert isinstance(node, FileNode), f"fd {fd} is not a file"
@@ -435,6 +450,18 @@ class IoRecorder:
     def fsync(self, fd: int) -> None:
         self._sync("fsync", fd, os.fsync)
 
+    def syncfs(self, fd: int) -> None:
+        """Group commit's sync of the whole filesystem: every file and folder at once."""
+        with self._lock:
+            fault = self._call("syncfs", self.model.label(fd))
+            if fault is not None:
+                self.model.sync_all(ok=False)
+                self._changed(f"syncfs {self.model.label(fd)} FAILED")
+                raise _error(fault.code, self.calls[-1])
+            _REAL_SYNCFS(fd)
+            self.model.sync_all(ok=True)
+            self._changed(f"syncfs {self.model.label(fd)}")
+
     def fdatasync(self, fd: int) -> None:
         self._sync("fdatasync", fd, os.fdatasync)
 
@@ -508,6 +535,7 @@ _REAL_MKDIR = pathlib.Path.mkdir
 _REAL_RENAME = pathlib.Path.rename
 _REAL_LSTAT = pathlib.Path.lstat
 _REAL_UNLINK = pathlib.Path.unlink
+_REAL_SYNCFS = group_sync.syncfs
 
 
 class _ReadHandle:
@@ -623,6 +651,7 @@ def record_io(model: DiskModel, faults: FaultPlan | None = None) -> Iterator[IoR
                 patch.setattr(module, "os", _OsProxy(recorder))
             if getattr(module, "shutil", None) is shutil:
                 patch.setattr(module, "shutil", _ShutilProxy(recorder))
+        patch.setattr(group_sync, "syncfs", recorder.syncfs)
         patch.setattr(pathlib.Path, "mkdir", mkdir)
         patch.setattr(pathlib.Path, "rename", rename)
         patch.setattr(pathlib.Path, "unlink", unlink)

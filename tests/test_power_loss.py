@@ -39,6 +39,7 @@ from disk_model import CRASH_MODELS, DiskModel, IoRecorder, record_io, write_ima
 from reliability_report import report
 
 from engine import EngineError, FileStore, Session
+from engine.stores.base import Durability
 
 STEPS = int(os.environ.get("STEPVAULT_POWERLOSS_STEPS", "12"))
 POWER_CUTS = [name for name in CRASH_MODELS if name != "killed"]
@@ -84,12 +85,20 @@ class Scenario:
 
 
 async def record_scenario(
-    root: Path, steps: int, *, key: bytes | None, compact_bytes: int, save: bool = False
+    root: Path,
+    steps: int,
+    *,
+    key: bytes | None,
+    compact_bytes: int,
+    save: bool = False,
+    durability: Durability = "fsync",
 ) -> Scenario:
     """Create a session, commit ``steps`` checkpoints, optionally save it; record it all."""
     model = empty_folder(root)
     with record_io(model) as recorder:
-        store = FileStore(root, encryption_key=key, compact_bytes=compact_bytes)
+        store = FileStore(
+            root, encryption_key=key, compact_bytes=compact_bytes, durability=durability
+        )
         scenario = Scenario(root, recorder, store)
         session = new_session()
         await scenario.do("create", None, session.model_copy(deep=True), store.create(session))
@@ -264,10 +273,16 @@ async def sweep(
     encrypted: bool,
     compact_bytes: int,
     save: bool = False,
+    durability: Durability = "fsync",
 ) -> tuple[Outcome, list[Operation]]:
     key = KEY if encrypted else None
     scenario = await record_scenario(
-        tmp_path / "recorded", STEPS, key=key, compact_bytes=compact_bytes, save=save
+        tmp_path / "recorded",
+        STEPS,
+        key=key,
+        compact_bytes=compact_bytes,
+        save=save,
+        durability=durability,
     )
     operations = pick(scenario)
     outcome = Outcome(key)
@@ -324,6 +339,37 @@ async def test_a_power_cut_anywhere_in_a_checkpoint_recovers_k_or_k_plus_1(
     assert len(operations) == STEPS
     assert outcome.at_k > 0
     assert outcome.at_k1 > 0
+
+
+@ENCRYPTED
+async def test_a_power_cut_anywhere_in_a_group_committed_checkpoint_recovers_k_or_k_plus_1(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    # Given checkpoints made durable by group commit (the append, then a syncfs)
+    outcome, operations = await sweep(
+        tmp_path,
+        "group-committed checkpoint",
+        lambda s: [op for op in s.operations if op.label.startswith("checkpoint")],
+        encrypted=encrypted,
+        compact_bytes=1 << 30,
+        durability="batch",
+    )
+
+    # Then every crash image of every call loads k or k + 1, and goes on
+    assert_no_violations(outcome)
+    assert len(operations) == STEPS
+    assert outcome.at_k > 0
+    assert outcome.at_k1 > 0
+
+    # And what made each append durable was the shared syncfs, not a sync of its own
+    # (the first commit under a lease still syncs the folders it builds on)
+    probe = await record_scenario(
+        tmp_path / "probe", STEPS, key=None, compact_bytes=1 << 30, durability="batch"
+    )
+    for op in probe.operations[1:]:
+        calls = op.calls(probe.recorder)
+        assert calls[-1].startswith("syncfs"), calls
+        assert not any(call.startswith("fdatasync") for call in calls), calls
 
 
 @ENCRYPTED
