@@ -181,6 +181,7 @@ class FileStore:
         """
         assert self._group is not None
         try:
+            self._group.prepare()  # before the write: its errors must reach the sync
             start = self._append(session_id, body, revision, sync=False)
         except OSError as exc:
             raise StorageError(f"file store {self.path}: {exc}") from exc

@@ -22,6 +22,7 @@ import ctypes.util
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,6 +92,7 @@ class GroupSync:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._failed: StorageError | None = None
+        self._fd: int | None = None
         self.syncs = 0
         """How many syncs ran: with N concurrent writers, far fewer than N writes."""
 
@@ -120,41 +122,48 @@ class GroupSync:
         if thread is not None:
             thread.join()
 
-    def _run(self) -> None:
-        fd: int | None = None  # this thread's own: errors are reported per open file
-        try:
-            while True:
-                with self._wake:
-                    while not self._waiting and not self._stopping:
-                        self._wake.wait()
-                    batch, self._waiting = self._waiting, []
-                    if not batch:
-                        self._thread = None  # under the lock: a new wait starts a new thread
-                        return
-                    error = self._failed
-                if error is None:
-                    fd, error = self._sync(fd)
-                    if error is not None:
-                        with self._wake:
-                            self._failed = error
-                _notify(batch, error)
-        finally:
-            if fd is not None:
-                os.close(fd)
+    def prepare(self) -> None:
+        """Open the descriptor the syncs use; call it before the first write.
 
-    def _sync(self, fd: int | None) -> tuple[int | None, StorageError | None]:
+        Linux reports a write-back error to the descriptors open when it happened:
+        one opened after the first write could miss an error on that write. It
+        stays open for this object's life (closed when it is collected).
+        """
+        with self._wake:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                weakref.finalize(self, os.close, self._fd)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._stopping:
+                    self._wake.wait()
+                batch, self._waiting = self._waiting, []
+                if not batch:
+                    self._thread = None  # under the lock: a new wait starts a new thread
+                    return
+                error = self._failed
+            if error is None:
+                error = self._sync()
+                if error is not None:
+                    with self._wake:
+                        self._failed = error
+            _notify(batch, error)
+
+    def _sync(self) -> StorageError | None:
         try:
-            if fd is None:
-                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            syncfs(fd)
+            self.prepare()
+            assert self._fd is not None  # opened above
+            syncfs(self._fd)
         except OSError as exc:
-            return fd, StorageError(
+            return StorageError(
                 f"file store {self.path}: group sync failed ({exc}); what was written "
                 "since the last good sync may be lost, so this store takes no more "
                 "commits: check the disk, then open the store again"
             )
         self.syncs += 1
-        return fd, None
+        return None
 
 
 def _notify(batch: list[_Waiter], error: StorageError | None) -> None:
