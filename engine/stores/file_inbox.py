@@ -31,7 +31,7 @@ from .. import codec
 from ..crypto import SEAL_OVERHEAD, SessionKeys
 from ..errors import CorruptSessionError, SessionNotFoundError
 from ..models import Event, Session
-from .fsutil import O_CLOEXEC, read_file, sync_folder, write_all
+from .fsutil import O_CLOEXEC, read_file, replace_file, sync_folder, write_all
 
 INBOX = "inbox"
 INBOX_LOCK = "inbox.lock"
@@ -222,19 +222,8 @@ def size(folder: Path) -> int:
 
 
 def replace(folder: Path, data: bytes, *, sync: bool) -> None:
-    """Make ``data`` the inbox file atomically: temp file, fsync, rename, folder fsync."""
-    temp = folder / f"{INBOX}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | O_CLOEXEC
-    fd = os.open(temp, flags, 0o600)
-    try:
-        write_all(fd, data, 0)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, folder / INBOX)
-    if sync:
-        sync_folder(folder)
+    """Make ``data`` the inbox file atomically (``fsutil.replace_file``)."""
+    replace_file(folder / INBOX, data, sync=sync)
 
 
 def key_ids(folder: Path) -> set[str | None]:

@@ -20,7 +20,7 @@ from ..crypto import SessionKeys
 from ..errors import CorruptSessionError
 from ..models import Checkpoint, Session
 from .file_listing import CheckpointHead, SessionHead
-from .fsutil import O_CLOEXEC, read_file, sync_folder, write_all
+from .fsutil import O_CLOEXEC, read_file, replace_file
 
 SNAPSHOT = "snapshot"
 JOURNAL = "journal"
@@ -91,18 +91,7 @@ def decode(
 
 def write_snapshot(folder: Path, frame: bytes, *, sync: bool) -> int:
     """Atomically replace ``folder``'s snapshot with ``frame``; return its size."""
-    temp = folder / f"{SNAPSHOT}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | O_CLOEXEC
-    fd = os.open(temp, flags, 0o600)
-    try:
-        write_all(fd, frame, 0)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, folder / SNAPSHOT)
-    if sync:
-        sync_folder(folder)
+    replace_file(folder / SNAPSHOT, frame, sync=sync)
     return len(frame)
 
 

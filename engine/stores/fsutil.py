@@ -71,3 +71,23 @@ def sync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, data: bytes, *, sync: bool) -> None:
+    """Make ``data`` the content of ``path`` atomically.
+
+    Temp file, fsync, rename over ``path``, folder fsync: a crash leaves the old
+    file or the new one, never a mix (the fsyncs only when ``sync``).
+    """
+    temp = path.with_name(f"{path.name}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | O_CLOEXEC
+    fd = os.open(temp, flags, 0o600)
+    try:
+        write_all(fd, data, 0)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    if sync:
+        sync_folder(path.parent)
