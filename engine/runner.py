@@ -221,7 +221,7 @@ class Runner(Operations):
         """
         now = utcnow()
         started: list[str] = []
-        async for page in list_pages(self.store):
+        async for page in list_pages(self.store, unfinished=True):
             ready = [row.id for row in page if await self._resumable(row, now)]
             self._schedule(ready)  # work starts after the first page, not after the last
             started += ready

@@ -39,6 +39,7 @@ from disk_model import CRASH_MODELS, DiskModel, IoRecorder, record_io, write_ima
 from reliability_report import report
 
 from engine import EngineError, FileStore, Session
+from engine.models import UNFINISHED
 from engine.stores.base import Durability
 
 STEPS = int(os.environ.get("STEPVAULT_POWERLOSS_STEPS", "12"))
@@ -217,6 +218,12 @@ async def check_one_image(
             outcome.violations.append(f"{where}: load raised {exc!r}")
             return
         outcome.check(problems == [], f"{where}: listing problems {problems}")
+        if loaded is not None and loaded.status in UNFINISHED:
+            outcome.check(
+                f".finished/{loaded.id}" not in image,
+                f"{where}: the {loaded.status} session carries the finished mark "
+                "(resume_all would skip it)",
+            )
         if loaded is not None and loaded == op.after:
             outcome.at_k1 += 1
             reached[crash_model] = True
@@ -370,6 +377,47 @@ async def test_a_power_cut_anywhere_in_a_group_committed_checkpoint_recovers_k_o
         calls = op.calls(probe.recorder)
         assert calls[-1].startswith("syncfs"), calls
         assert not any(call.startswith("fdatasync") for call in calls), calls
+
+
+async def test_a_power_cut_anywhere_as_a_session_finishes_and_resumes_never_hides_it(
+    tmp_path: Path,
+) -> None:
+    # Given a session that fails (finished: marked), is resumed (unfinished again:
+    # the mark must go first, durably), then completes (marked again)
+    root = tmp_path / "recorded"
+    model = empty_folder(root)
+    with record_io(model) as recorder:
+        store = FileStore(root, compact_bytes=1 << 30)
+        scenario = Scenario(root, recorder, store)
+        session = new_session()
+        await scenario.do("create", None, session.model_copy(deep=True), store.create(session))
+        lease = await store.acquire(session.id, "recorder")
+        assert lease is not None
+        for index, status in enumerate(["running", "failed", "running", "completed"]):
+            checkpoint = next_checkpoint(session, index).model_copy(update={"status": status})
+            after = applied(session, checkpoint)
+            await scenario.do(
+                f"checkpoint {status}", session, after, store.commit(lease, checkpoint)
+            )
+            session = after
+            if status == "failed":
+                # Time passes: the kernel writes everything back, the mark included
+                recorder.model.sync_all(ok=True)
+                recorder._changed("the kernel's write-back")
+        await store.release(lease)
+        await store.close()
+    model.check_matches()
+    assert (root / ".finished" / session.id).exists()  # completed: marked
+
+    # When the power is cut after any call of those checkpoints
+    outcome = Outcome(None)
+    operations = scenario.operations[1:]
+    await check_crash_images(scenario, operations, tmp_path, outcome)
+
+    # Then no image has an unfinished session carrying the mark, and each loads k or k + 1
+    assert_no_violations(outcome)
+    assert outcome.at_k > 0
+    assert outcome.at_k1 > 0
 
 
 @ENCRYPTED

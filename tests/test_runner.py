@@ -1089,11 +1089,13 @@ class _SlowSecondPage(MemoryStore):
         self.second_page = asyncio.Event()
         self.walking = asyncio.Event()
 
-    async def list_page(self, after: str | None = None, limit: int = 1000) -> list[Any]:
+    async def list_unfinished_page(
+        self, after: str | None = None, limit: int = 1000
+    ) -> list[Any]:
         if after is not None:
             self.walking.set()
             await self.second_page.wait()
-        return await super().list_page(after, 1)  # a page per session
+        return await super().list_unfinished_page(after, 1)  # a page per session
 
 
 async def test_a_closed_runner_starts_nothing_a_walk_in_flight_finds_later() -> None:

@@ -45,7 +45,7 @@ from engine import (
 )
 from engine.events import EventInbox
 from engine.models import Event, utcnow
-from engine.stores.base import PagedListing, list_pages
+from engine.stores.base import PagedListing, UnfinishedListing, list_pages
 
 MakeSession = Callable[..., Session]
 MakeStore = Callable[..., Store]
@@ -598,6 +598,43 @@ async def test_list_returns_one_row_per_session(store: Store, make_session: Make
     assert by_id[sessions[0].id].steps_done == 2
     assert by_id[sessions[0].id].status == "waiting"
     assert all(row.problem is None for row in rows)
+
+
+async def test_unfinished_pages_skip_finished_sessions_and_miss_no_unfinished_one(
+    store: Store, make_session: MakeSession
+) -> None:
+    if not isinstance(store, UnfinishedListing):
+        pytest.skip(f"{type(store).__name__} cannot tell finished sessions without reading them")
+    # Given sessions taken to every kind of status, one finished and then resumed
+    expected: set[str] = set()
+    finished: set[str] = set()
+    for statuses in [
+        ["completed"],
+        ["failed"],
+        ["cancelled"],
+        ["running"],
+        ["waiting"],
+        [],
+        ["failed", "running"],
+        ["completed", "running", "completed"],
+    ]:
+        session = make_session(workflow="report")
+        await store.create(session)
+        if statuses:
+            lease = await lease_for(store, session.id)
+            for status in statuses:
+                await commit(store, lease, session, status=status)
+            await store.release(lease)
+        final = statuses[-1] if statuses else "pending"
+        (expected if final in ("pending", "running", "waiting") else finished).add(session.id)
+
+    # When walking the unfinished pages, two rows at a time
+    rows = [row async for page in list_pages(store, limit=2, unfinished=True) for row in page]
+
+    # Then every unfinished session is there, in id order, and no finished one
+    assert [row.id for row in rows] == sorted(expected)
+    assert all(row.status in ("pending", "running", "waiting") for row in rows)
+    assert not finished & {row.id for row in rows}
 
 
 class _ShortPages:

@@ -114,14 +114,42 @@ class PagedListing(Protocol):
         ...
 
 
-async def list_pages(store: Store, limit: int = LIST_PAGE) -> AsyncIterator[list[SessionInfo]]:
-    """Yield every stored session's row, a page at a time where the store can page."""
+@runtime_checkable
+class UnfinishedListing(Protocol):
+    """A store that can list the sessions that may be unfinished without the others.
+
+    ``resume_all`` wants the unfinished sessions; in a store that has run for a
+    while most are finished, and reading each to learn so is most of the walk.
+    """
+
+    async def list_unfinished_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> list[SessionInfo]:
+        """Like ``list_page``, skipping sessions known to be finished.
+
+        Every unfinished session is in some page; a finished one may be too (the
+        caller checks each row's status).
+        """
+        ...
+
+
+async def list_pages(
+    store: Store, limit: int = LIST_PAGE, *, unfinished: bool = False
+) -> AsyncIterator[list[SessionInfo]]:
+    """Yield every stored session's row, a page at a time where the store can page.
+
+    With ``unfinished``, a store that can skips the sessions it knows are finished.
+    """
     if not isinstance(store, PagedListing):
         yield await store.list()
         return
+    skip_finished = unfinished and isinstance(store, UnfinishedListing)
     after: str | None = None
     while True:
-        page = await store.list_page(after, limit)
+        if skip_finished:
+            page = await cast(UnfinishedListing, store).list_unfinished_page(after, limit)
+        else:
+            page = await store.list_page(after, limit)
         if not page:  # only an empty page ends it: a store may return a short one
             return  # (a file store skips a session deleted while it read the page)
         yield page

@@ -37,6 +37,7 @@ import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,8 +50,16 @@ from ..errors import (
     SessionNotFoundError,
     StorageError,
 )
-from ..models import Checkpoint, Event, Session, SessionInfo
-from . import file_compaction, file_inbox, file_locks, file_reads, file_records, file_security
+from ..models import UNFINISHED, Checkpoint, Event, Session, SessionInfo
+from . import (
+    file_compaction,
+    file_inbox,
+    file_index,
+    file_locks,
+    file_reads,
+    file_records,
+    file_security,
+)
 from .base import (
     DEFAULT_LEASE_TTL,
     LIST_PAGE,
@@ -138,7 +147,8 @@ class FileStore:
         # Before touching disk: bad data creates nothing, not even a data key.
         overhead = SEAL_OVERHEAD if self._encryption is not None else 0
         codec.check_record_size(session.revision, len(body) + overhead)
-        await self._run(self._create_sync, session.id, session.revision, body)
+        finished = session.status not in UNFINISHED
+        await self._run(self._create_sync, session.id, session.revision, body, finished)
 
     async def load(self, session_id: str) -> Session | None:
         """Return the session rebuilt from its snapshot and journal, or None."""
@@ -160,19 +170,21 @@ class FileStore:
         what = f"checkpoint {checkpoint.revision} of session {session_id}"
         body = codec.dump_json(checkpoint, what)
         absorbs = checkpoint.inbox_seq
+        finished = checkpoint.status not in UNFINISHED
+        revision = checkpoint.revision
         if self._group is not None:
-            await self._commit_in_group(session_id, body, checkpoint.revision, absorbs)
+            await self._commit_in_group(session_id, body, revision, absorbs, finished)
         elif self.inline_commits and len(self._locks) == 1:
             try:
-                self._commit_sync(session_id, body, checkpoint.revision, absorbs)
+                self._commit_sync(session_id, body, revision, absorbs, finished)
             except OSError as exc:
                 raise StorageError(f"file store {self.path}: {exc}") from exc
             await asyncio.sleep(0)  # let the loop's other tasks run between checkpoints
         else:
-            await self._run(self._commit_sync, session_id, body, checkpoint.revision, absorbs)
+            await self._run(self._commit_sync, session_id, body, revision, absorbs, finished)
 
     async def _commit_in_group(
-        self, session_id: str, body: bytes, revision: int, absorbs: int | None
+        self, session_id: str, body: bytes, revision: int, absorbs: int | None, finished: bool
     ) -> None:
         """Group commit: write on the loop's thread, then share a sync with the others.
 
@@ -182,7 +194,7 @@ class FileStore:
         assert self._group is not None
         try:
             self._group.prepare()  # before the write: its errors must reach the sync
-            start = self._append(session_id, body, revision, sync=False)
+            start = self._append(session_id, body, revision, finished, sync=False)
         except OSError as exc:
             raise StorageError(f"file store {self.path}: {exc}") from exc
         try:
@@ -194,6 +206,7 @@ class FileStore:
             with contextlib.suppress(OSError):
                 file_records.truncate(self._root() / session_id / JOURNAL, start)
             raise
+        self._mark_if_finished(session_id, finished)
         if file_compaction.due(self, session_id, absorbs):
             await self._run(file_compaction.compact_if_due, self, session_id, absorbs)
 
@@ -228,6 +241,14 @@ class FileStore:
         if after is not None:
             validate_session_id(after)
         return await self._run(file_reads.rows, self, after, limit)
+
+    async def list_unfinished_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> builtins.list[SessionInfo]:
+        """Like ``list_page``, skipping unread the sessions marked finished (``file_index``)."""
+        if after is not None:
+            validate_session_id(after)
+        return await self._run(partial(file_reads.rows, unfinished=True), self, after, limit)
 
     async def acquire(
         self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
@@ -351,10 +372,11 @@ class FileStore:
         if self._encryption is not None:
             self._encryption.forget(session_id)
 
-    def _create_sync(self, session_id: str, revision: int, body: bytes) -> None:
+    def _create_sync(self, session_id: str, revision: int, body: bytes, finished: bool) -> None:
         root = self._root()
         if self._session_dir(session_id) is not None:
             raise SessionExistsError(f"session {session_id} already exists")
+        file_index.unmark(root, session_id, sync=self._sync)  # one left by a removed namesake
         # The data key is stored (durably) before any record: none exists without it.
         frame = codec.seal_frame(revision, SESSION_KIND, body, self._keys(session_id, create=True))
         building = root / f".creating-{session_id}-{uuid.uuid4().hex}"
@@ -369,6 +391,8 @@ class FileStore:
             shutil.rmtree(building, ignore_errors=True)
             raise
         self._sync_dir(root)
+        if finished:
+            file_index.mark(root, session_id)
 
     def _tail(self, session_id: str) -> Tail:
         """Return where the journal ends; only the lock holder caches it."""
@@ -397,18 +421,37 @@ class FileStore:
         sync_folder(self._root())
 
     def _commit_sync(
-        self, session_id: str, body: bytes, revision: int, absorbs: int | None = None
+        self,
+        session_id: str,
+        body: bytes,
+        revision: int,
+        absorbs: int | None = None,
+        finished: bool = False,
     ) -> None:
-        self._append(session_id, body, revision, sync=True)
+        self._append(session_id, body, revision, finished, sync=True)
+        self._mark_if_finished(session_id, finished)
         file_compaction.compact_if_due(self, session_id, absorbs)
 
-    def _append(self, session_id: str, body: bytes, revision: int, *, sync: bool) -> int:
+    def _mark_if_finished(self, session_id: str, finished: bool) -> None:
+        """Mark a session whose finished status is now durable (``file_index``)."""
+        tail = self._tails.get(session_id)
+        if finished and tail is not None and not tail.marked:
+            file_index.mark(self._root(), session_id)
+            tail.marked = True
+
+    def _append(
+        self, session_id: str, body: bytes, revision: int, finished: bool, *, sync: bool
+    ) -> int:
         """Append the checkpoint as the journal's next record; return where it starts.
 
         With ``sync`` it is durable on return (fdatasync); without, the caller makes
-        it durable (group commit) or undoes it.
+        it durable (group commit) or undoes it. A checkpoint that leaves the session
+        unfinished first removes its finished mark, durably.
         """
         tail = self._tail(session_id)
+        if not finished and tail.marked is not False:
+            file_index.unmark(self._root(), session_id, sync=self._sync)
+            tail.marked = False
         frame = codec.seal_frame(revision, CHECKPOINT_KIND, body, self._keys(session_id))
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
         try:
@@ -463,7 +506,11 @@ class FileStore:
             # Reading first means a session we cannot decrypt is never overwritten.
             check_fresh(saved.id, saved.revision - 1, self._tail(saved.id).revision)
             frame = codec.seal_frame(saved.revision, SESSION_KIND, body, self._keys(saved.id))
+            finished = saved.status not in UNFINISHED
+            if not finished:
+                file_index.unmark(self._root(), saved.id, sync=self._sync)
             self._replace_whole(folder, frame, saved)
+            self._mark_if_finished(saved.id, finished)
             file_compaction.compact_inbox_quietly(self, folder, saved.id, saved.inbox_seq)
         finally:
             self._unlock(saved.id)
@@ -505,6 +552,7 @@ class FileStore:
         self._unlock(session_id)
         self._vault.delete_key(session_id)  # a removed session leaves no key behind
         self._forget_keys(session_id)
+        file_index.forget(self._root(), session_id)
         shutil.rmtree(doomed)
         return True
 

@@ -17,7 +17,7 @@ from .. import codec
 from ..crypto import master_key_ids
 from ..errors import CorruptSessionError, DecryptionError, StorageError
 from ..models import Session, SessionInfo
-from . import file_inbox, file_records
+from . import file_inbox, file_index, file_records
 from .base import is_session_id
 from .file_inbox import INBOX
 from .file_listing import SessionHead
@@ -98,13 +98,22 @@ def read_session(
     raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
 
 
-def rows(store: FileStore, after: str | None, limit: int | None) -> list[SessionInfo]:
-    """Return the listing rows of the sessions whose ids sort after ``after``, in id order."""
+def rows(
+    store: FileStore, after: str | None, limit: int | None, *, unfinished: bool = False
+) -> list[SessionInfo]:
+    """Return the listing rows of the sessions whose ids sort after ``after``, in id order.
+
+    With ``unfinished``, the sessions marked finished (``file_index``) are skipped
+    unread: what is left may still hold finished sessions, never misses an
+    unfinished one.
+    """
+    root = store._root()
+    skipped = file_index.finished(root) if unfinished else set()
     names = sorted(
         name
-        for name in os.listdir(store._root())
+        for name in os.listdir(root)
         # Skips what is no session folder: .trash, an interrupted create, ...
-        if is_session_id(name) and (after is None or name > after)
+        if is_session_id(name) and (after is None or name > after) and name not in skipped
     )
     listed: list[SessionInfo] = []
     for name in names:

@@ -38,6 +38,7 @@ class Tail:
     snapshot_size: int
     folder: Path
     journal: str  # the journal's path, made once: the hot path joins no paths
+    marked: bool | None = None  # whether it carries the finished mark; None: not looked
 
 
 def read(folder: Path) -> tuple[bytes, bytes] | None:

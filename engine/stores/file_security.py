@@ -21,7 +21,7 @@ from ..errors import (
     SessionNotFoundError,
     StorageError,
 )
-from . import file_compaction, file_inbox, file_reads
+from . import file_compaction, file_inbox, file_index, file_reads
 from .base import Lease
 from .file_inbox import INBOX
 from .file_records import JOURNAL, SNAPSHOT
@@ -131,6 +131,7 @@ def _move_aside(store: FileStore, session_id: str) -> str:
     store._sync_dir(folder)
     store._tails.pop(session_id, None)
     store._forget_keys(session_id)
+    file_index.forget(root, session_id)
     return str(target)
 
 

@@ -22,7 +22,7 @@ from ..errors import (
     SessionNotFoundError,
     StorageError,
 )
-from ..models import Checkpoint, Event, Session, SessionInfo
+from ..models import UNFINISHED, Checkpoint, Event, Session, SessionInfo
 from .base import DEFAULT_LEASE_TTL, LIST_PAGE, Lease, check_fresh, validate_session_id
 from .sql import COMPACT_MIN_BYTES, encode_event, rebuild_session
 
@@ -252,6 +252,17 @@ class MemoryStore:
     ) -> builtins.list[SessionInfo]:
         """Return up to ``limit`` rows whose ids sort after ``after``, in id order."""
         ids = sorted(i for i in self._sessions if after is None or i > after)[:limit]
+        return [self._sessions[i].info.model_copy() for i in ids]
+
+    async def list_unfinished_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> builtins.list[SessionInfo]:
+        """Like ``list_page``, for the unfinished sessions only."""
+        ids = sorted(
+            i
+            for i, stored in self._sessions.items()
+            if (after is None or i > after) and stored.info.status in UNFINISHED
+        )[:limit]
         return [self._sessions[i].info.model_copy() for i in ids]
 
     async def acquire(

@@ -56,7 +56,7 @@ from ..errors import (
     StorageError,
 )
 from ..log import get_logger
-from ..models import Checkpoint, Event, Session, SessionInfo
+from ..models import UNFINISHED, Checkpoint, Event, Session, SessionInfo
 from . import postgres_security as security
 from .base import (
     DEFAULT_LEASE_TTL,
@@ -372,6 +372,16 @@ class PostgresStore:
         if after is not None:
             validate_session_id(after)
         rows = await self._call("fetch", "list_page", after, limit)
+        return [SessionInfo.model_validate(dict(row)) for row in rows]
+
+    async def list_unfinished_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> builtins.list[SessionInfo]:
+        """Like ``list_page``, for the unfinished sessions only (their clear status)."""
+        if after is not None:
+            validate_session_id(after)
+        statuses = sorted(UNFINISHED)
+        rows = await self._call("fetch", "list_unfinished_page", after, limit, statuses)
         return [SessionInfo.model_validate(dict(row)) for row in rows]
 
     async def acquire(

@@ -235,6 +235,11 @@ STATEMENTS: dict[str, str] = {
         SELECT id::text AS id, status, workflow, created_at, last_activity, expires_at,
             steps_done
         FROM {s}.sessions WHERE $1::uuid IS NULL OR id > $1::uuid ORDER BY id LIMIT $2""",
+    "list_unfinished_page": """
+        SELECT id::text AS id, status, workflow, created_at, last_activity, expires_at,
+            steps_done
+        FROM {s}.sessions WHERE ($1::uuid IS NULL OR id > $1::uuid) AND status = ANY($3::text[])
+        ORDER BY id LIMIT $2""",
     "acquire": """
         WITH candidate AS (
             SELECT id, owner FROM {s}.sessions

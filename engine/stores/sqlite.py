@@ -45,7 +45,7 @@ from ..errors import (
     StorageError,
 )
 from ..log import get_logger
-from ..models import Checkpoint, Event, Session, SessionInfo
+from ..models import UNFINISHED, Checkpoint, Event, Session, SessionInfo
 from . import sqlite_security as security
 from .base import (
     DEFAULT_LEASE_TTL,
@@ -86,6 +86,15 @@ _log = get_logger()
 _SESSION = Session.__name__  # record kinds, bound into each sealed record
 _CHECKPOINT = Checkpoint.__name__
 _DURABILITY = ("fsync", "batch", "none")
+
+
+_LIST = (
+    "SELECT id, status, workflow, created_at, last_activity, expires_at, steps_done"
+    " FROM stepvault_sessions WHERE id > ? ORDER BY id LIMIT ?"
+)
+_LIST_UNFINISHED = _LIST.replace(  # the statuses are our own names, not input
+    "WHERE id > ?", f"WHERE id > ? AND status IN ({', '.join(map(repr, sorted(UNFINISHED)))})"
+)
 
 
 class SQLiteStore:
@@ -213,6 +222,14 @@ class SQLiteStore:
         if after is not None:
             validate_session_id(after)
         return await self._run(self._list_sync, after or "", limit)
+
+    async def list_unfinished_page(
+        self, after: str | None = None, limit: int = LIST_PAGE
+    ) -> builtins.list[SessionInfo]:
+        """Like ``list_page``, for the unfinished sessions only (their clear status)."""
+        if after is not None:
+            validate_session_id(after)
+        return await self._run(self._list_sync, after or "", limit, True)
 
     async def acquire(
         self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
@@ -524,12 +541,11 @@ class SQLiteStore:
             raise EngineError("rekey needs an encryption key: set SESSION_ENCRYPTION_KEY")
         return security.rekey(self._conn(), self._vault, self._encryption, session_id, self.path)
 
-    def _list_sync(self, after: str = "", limit: int = -1) -> builtins.list[SessionInfo]:
-        rows = self._conn().execute(
-            "SELECT id, status, workflow, created_at, last_activity, expires_at, steps_done"
-            " FROM stepvault_sessions WHERE id > ? ORDER BY id LIMIT ?",
-            (after, limit),
-        )
+    def _list_sync(
+        self, after: str = "", limit: int = -1, unfinished: bool = False
+    ) -> builtins.list[SessionInfo]:
+        query = _LIST_UNFINISHED if unfinished else _LIST
+        rows = self._conn().execute(query, (after, limit))
         return [SessionInfo.model_validate(dict(zip(_INFO, row, strict=True))) for row in rows]
 
     def _acquire_sync(self, session_id: str, owner: str, ttl: float) -> Lease | None:
