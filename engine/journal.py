@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from .errors import InvalidArgumentError, StepTimeoutError
+from .errors import InvalidArgumentError, SessionNotFoundError, StepTimeoutError
 from .models import Checkpoint, Event, JournalEntry, Session, ToolKind, ToolResult, Wait, utcnow
 from .stores.base import Lease, Store
 from .values import digest, restore, to_json
@@ -58,7 +58,10 @@ class SessionWriter:
         self.session = session
         self.in_flight: InFlight | None = None
         self._lock = asyncio.Lock()
-        self._pending: set[asyncio.Task[None]] = set()
+        self._writing = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._uncertain = False
 
     async def commit(self, *, keep_status: bool = False, **changes: Any) -> None:
         """Commit a checkpoint made of ``changes`` and apply it to ``session``.
@@ -66,22 +69,33 @@ class SessionWriter:
         With ``keep_status``, the checkpoint repeats the session's status, error and
         wait as they are when it is written (after the writes queued before it).
 
-        The write is shielded: if the caller is cancelled (a step timeout, a cancel)
-        while the store writes, the write still finishes and is applied, so the
-        session in memory never falls behind the stored one. ``drain`` waits for
-        such writes before the lease is given back.
+        If the caller is cancelled (a step timeout, a cancel) while the store
+        writes, whether the checkpoint was stored is not known here: the session
+        is read again from the store before the next commit, so the session in
+        memory never falls behind the stored one. (A store's ``commit`` raises its
+        cancellation only once nothing of the write is still running.) ``drain``
+        waits for the writes of other tasks before the lease is given back.
         """
-        task = asyncio.ensure_future(self._write(changes, keep_status=keep_status))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        await asyncio.shield(task)
+        self._writing += 1
+        self._idle.clear()
+        try:
+            await self._write(changes, keep_status=keep_status)
+        except asyncio.CancelledError:
+            self._uncertain = True
+            raise
+        finally:
+            self._writing -= 1
+            if not self._writing:
+                self._idle.set()
 
     async def drain(self) -> None:
         """Wait for every write in flight; their errors were raised to their callers."""
-        await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._idle.wait()
 
     async def _write(self, changes: dict[str, Any], *, keep_status: bool) -> None:
         async with self._lock:
+            if self._uncertain:
+                await self._reread()
             if keep_status:
                 session = self.session
                 changes = {
@@ -99,6 +113,15 @@ class SessionWriter:
             )
             await self.store.commit(self.lease, checkpoint)
             self.session.apply(checkpoint)
+
+    async def _reread(self) -> None:
+        """Bring ``session`` (the very object everyone holds) back in step with the store."""
+        stored = await self.store.load(self.session.id)
+        if stored is None:
+            raise SessionNotFoundError(f"session {self.session.id} was removed")
+        for name in type(stored).model_fields:
+            setattr(self.session, name, getattr(stored, name))
+        self._uncertain = False
 
 
 class StepJournal:

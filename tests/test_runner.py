@@ -1414,3 +1414,49 @@ async def test_hooks_hear_every_step_event_in_order_and_a_broken_hook_is_harmles
     assert 0 <= heard[4].delay <= QUICK_RETRY["max_backoff"]
     assert all(e.duration is not None for e in heard if e.kind in ("committed", "failed"))
     assert (await _load(store, sid)).status == "completed"
+
+
+class _SlowAcknowledgement(MemoryStore):
+    """A memory store that, once told to, stores a checkpoint and then waits to say so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.stored = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def commit(self, lease: Any, checkpoint: Any) -> None:
+        await super().commit(lease, checkpoint)
+        if self.hold:
+            self.stored.set()
+            await self.answer.wait()  # a cancellation here comes after the write
+
+
+async def test_a_commit_cancelled_after_its_write_leaves_the_writer_in_step() -> None:
+    from engine.journal import SessionWriter  # noqa: PLC0415  # the runner's own writer
+
+    # Given a writer whose store has stored a checkpoint but not yet said so
+    store = _SlowAcknowledgement()
+    async with Runner(store, []) as runner:
+        session = await runner.sessions.create_session()
+    lease = await store.acquire(session.id, "runner-a")
+    assert lease is not None
+    writer = SessionWriter(store, lease, await _load(store, session.id))
+    store.hold = True
+    first = asyncio.ensure_future(writer.commit(status="running", attempts={"first": 1}))
+    await asyncio.wait_for(store.stored.wait(), 10)
+
+    # When its caller is cancelled there (a step timeout, a cancel)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await writer.drain()
+
+    # Then the next commit builds on what the store holds, and the writer's session is it
+    store.hold = False
+    await writer.commit(status="running", attempts={"second": 1})
+    stored = await _load(store, session.id)
+    assert stored.revision == session.revision + 2
+    assert stored.attempts == {"first": 1, "second": 1}
+    assert writer.session == stored
+    await store.release(lease)

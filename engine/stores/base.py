@@ -64,7 +64,12 @@ class Store(Protocol):
         ...
 
     async def commit(self, lease: Lease, checkpoint: Checkpoint) -> None:
-        """Apply one checkpoint atomically and durably; ``LeaseLostError`` without the lease."""
+        """Apply one checkpoint atomically and durably; ``LeaseLostError`` without the lease.
+
+        Cancelled, it raises the cancellation only once nothing of the write is
+        still running (it happened, or never will): the runner then reads the
+        session again, and gives the lease back knowing no write can follow.
+        """
         ...
 
     async def delete(self, session_id: str) -> bool:

@@ -40,7 +40,7 @@ import asyncio
 import builtins
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 from .. import codec
@@ -282,21 +282,23 @@ class PostgresStore:
         body = codec.dump_json(checkpoint, what)
         keys = await self._commit_keys(session_id)
         record = codec.seal_frame(checkpoint.revision, _CHECKPOINT, body, keys)
-        row = await self._call(
-            "fetchrow",
-            "commit",
-            session_id,
-            lease.owner,
-            lease.token,
-            checkpoint.revision,
-            checkpoint.status,
-            checkpoint.last_activity,
-            checkpoint.expires_at,
-            int(checkpoint.step is not None),
-            record,
-            checkpoint.inbox_seq,
-            keys is not None,
-            list(checkpoint.events_consumed),
+        row = await _to_the_end(
+            self._call(
+                "fetchrow",
+                "commit",
+                session_id,
+                lease.owner,
+                lease.token,
+                checkpoint.revision,
+                checkpoint.status,
+                checkpoint.last_activity,
+                checkpoint.expires_at,
+                int(checkpoint.step is not None),
+                record,
+                checkpoint.inbox_seq,
+                keys is not None,
+                list(checkpoint.events_consumed),
+            )
         )
         if row is None:
             found = await self._call("fetchrow", "why_not_committed", session_id)
@@ -582,6 +584,23 @@ class PostgresStore:
             yield
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _to_the_end(statement: Awaitable[Any]) -> Any:
+    """Await a commit's statement; if cancelled, let it finish before raising.
+
+    Stores raise a commit's cancellation only once nothing of it still runs (the
+    writer then reads the session again): a statement abandoned mid-flight could
+    still commit on the server after the runner had moved on.
+    """
+    work = asyncio.ensure_future(statement)
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        if not work.cancelled():
+            work.exception()  # seen here: the caller gets the cancellation
+        raise
 
 
 async def _rollback_if_open(conn: Any) -> None:
