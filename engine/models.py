@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -302,6 +302,25 @@ class Session(StoredModel):
         self.revision = checkpoint.revision
 
 
+class Summarisable(Protocol):
+    """What a listing row is made from: a whole ``Session``, or a store's lean read of one."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> SessionStatus: ...
+    @property
+    def workflow(self) -> str | None: ...
+    @property
+    def expires_at(self) -> datetime: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def last_activity(self) -> datetime: ...
+    @property
+    def cursor(self) -> int: ...
+
+
 class SessionInfo(StoredModel):
     """A session's listing row: enough to find, expire and resume it.
 
@@ -319,8 +338,8 @@ class SessionInfo(StoredModel):
     problem: str | None = None
 
     @classmethod
-    def of(cls, session: Session) -> SessionInfo:
-        """Summarise a loaded session."""
+    def of(cls, session: Summarisable) -> SessionInfo:
+        """Summarise a loaded session (or what a listing read of it)."""
         return cls(
             id=session.id,
             status=session.status,

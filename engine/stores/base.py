@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast, runtime_checkable
 
+from .. import codec
+from ..crypto import SEAL_OVERHEAD
 from ..errors import InvalidArgumentError, InvalidSessionIdError, StorageError
 from ..models import Checkpoint, Session, SessionInfo
 
@@ -186,6 +188,18 @@ def validate_session_id(session_id: object) -> str:
             f"invalid session id {str(session_id)[:64]!r}: not a UUID"
         ) from None
     raise InvalidSessionIdError(f"invalid session id {session_id!r}: expected a lowercase UUIDv4")
+
+
+def new_session_body(session: Session, *, sealed: bool) -> bytes:
+    """Encode a session about to be created, refusing bad data before storage is touched.
+
+    A bad id, a value that is not JSON or a record too large creates nothing, not
+    even a data key.
+    """
+    validate_session_id(session.id)
+    body = codec.dump_json(session, f"session {session.id}")
+    codec.check_record_size(session.revision, len(body) + (SEAL_OVERHEAD if sealed else 0))
+    return body
 
 
 def check_fresh(session_id: str, revision: int, stored_revision: int) -> None:

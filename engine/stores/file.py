@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .. import codec
-from ..crypto import SEAL_OVERHEAD, Encryption, KeyInput, RekeyOutcome, SessionKeys
+from ..crypto import Encryption, KeyInput, RekeyOutcome, SessionKeys
 from ..errors import (
     LeaseLostError,
     SessionBusyError,
@@ -67,6 +67,7 @@ from .base import (
     Lease,
     check_durability,
     check_fresh,
+    new_session_body,
     validate_session_id,
 )
 from .file_inbox import INBOX
@@ -142,11 +143,7 @@ class FileStore:
 
     async def create(self, session: Session) -> None:
         """Store a new session: built in a temporary folder, then renamed into place."""
-        validate_session_id(session.id)
-        body = codec.dump_json(session, f"session {session.id}")
-        # Before touching disk: bad data creates nothing, not even a data key.
-        overhead = SEAL_OVERHEAD if self._encryption is not None else 0
-        codec.check_record_size(session.revision, len(body) + overhead)
+        body = new_session_body(session, sealed=self._encryption is not None)
         finished = session.status not in UNFINISHED
         await self._run(self._create_sync, session.id, session.revision, body, finished)
 

@@ -31,7 +31,7 @@ from .. import codec
 from ..crypto import SEAL_OVERHEAD, SessionKeys
 from ..errors import CorruptSessionError, SessionNotFoundError
 from ..models import Event, Session
-from .fsutil import O_CLOEXEC, read_file, replace_file, sync_folder, write_all
+from .fsutil import O_CLOEXEC, read_file, replace_file, sync_file, sync_folder, write_all
 
 INBOX = "inbox"
 INBOX_LOCK = "inbox.lock"
@@ -202,14 +202,7 @@ def make_durable(folder: Path) -> None:
 
     Its first try may have died before its fdatasync: readable, but not on disk.
     """
-    try:
-        fd = os.open(folder / INBOX, os.O_RDONLY | os.O_NOFOLLOW | O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_file(folder / INBOX)
     sync_folder(folder)
 
 

@@ -50,14 +50,11 @@ class SessionHead(BaseModel):
         self.expires_at = checkpoint.expires_at
         self.revision = checkpoint.revision
 
+    @property
+    def cursor(self) -> int:
+        """Return how many steps are done, as ``Session.cursor`` does."""
+        return len(self.steps_done)
+
     def info(self) -> SessionInfo:
-        """Return the listing row, as ``SessionInfo.of`` would from the whole session."""
-        return SessionInfo(
-            id=self.id,
-            status=self.status,
-            workflow=self.workflow,
-            expires_at=self.expires_at,
-            created_at=self.created_at,
-            last_activity=self.last_activity,
-            steps_done=len(self.steps_done),
-        )
+        """Return the listing row, as ``SessionInfo.of`` makes it from the whole session."""
+        return SessionInfo.of(self)

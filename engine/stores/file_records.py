@@ -20,7 +20,7 @@ from ..crypto import SessionKeys
 from ..errors import CorruptSessionError
 from ..models import Checkpoint, Session
 from .file_listing import CheckpointHead, SessionHead
-from .fsutil import O_CLOEXEC, read_file, replace_file
+from .fsutil import O_CLOEXEC, read_file, replace_file, sync_file
 
 SNAPSHOT = "snapshot"
 JOURNAL = "journal"
@@ -112,14 +112,7 @@ def empty_journal(folder: Path, *, sync: bool) -> None:
 
 def sync_journal(folder: Path) -> None:
     """Make the journal's bytes durable (fsync), if there is a journal."""
-    try:
-        fd = os.open(folder / JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_file(folder / JOURNAL)
 
 
 def truncate(path: Path, size: int) -> None:

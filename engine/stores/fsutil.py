@@ -55,11 +55,27 @@ def write_all(fd: int, data: bytes, offset: int) -> None:
 
 def write_new(path: Path, data: bytes, *, sync: bool) -> None:
     """Create ``path`` 0600 holding ``data`` (fsynced if ``sync``); it must not exist."""
-    fd = os.open(path, NEW_FILE, 0o600)
+    _write(path, NEW_FILE, data, sync=sync)
+
+
+def _write(path: Path, flags: int, data: bytes, *, sync: bool) -> None:
+    fd = os.open(path, flags, 0o600)
     try:
         write_all(fd, data, 0)
         if sync:
             os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_file(path: Path) -> None:
+    """Make a file's bytes durable (fsync), if it exists: its writer may have died unsynced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -80,14 +96,7 @@ def replace_file(path: Path, data: bytes, *, sync: bool) -> None:
     file or the new one, never a mix (the fsyncs only when ``sync``).
     """
     temp = path.with_name(f"{path.name}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | O_CLOEXEC
-    fd = os.open(temp, flags, 0o600)
-    try:
-        write_all(fd, data, 0)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | O_CLOEXEC, data, sync=sync)
     os.replace(temp, path)
     if sync:
         sync_folder(path.parent)

@@ -129,6 +129,8 @@ class GroupSync:
         one opened after the first write could miss an error on that write. It
         stays open for this object's life (closed when it is collected).
         """
+        if self._fd is not None:  # every commit asks: no lock once it is open
+            return
         with self._wake:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

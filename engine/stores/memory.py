@@ -23,7 +23,14 @@ from ..errors import (
     StorageError,
 )
 from ..models import UNFINISHED, Checkpoint, Event, Session, SessionInfo
-from .base import DEFAULT_LEASE_TTL, LIST_PAGE, Lease, check_fresh, validate_session_id
+from .base import (
+    DEFAULT_LEASE_TTL,
+    LIST_PAGE,
+    Lease,
+    check_fresh,
+    new_session_body,
+    validate_session_id,
+)
 from .sql import COMPACT_MIN_BYTES, encode_event, rebuild_session
 
 _SESSION = Session.__name__  # record kinds, bound into each sealed record
@@ -101,7 +108,7 @@ class MemoryStore:
         session_id = validate_session_id(session.id)
         if session_id in self._sessions:
             raise SessionExistsError(f"session {session_id} already exists")
-        body = codec.dump_json(session, f"session {session_id}")  # before any key is made
+        body = new_session_body(session, sealed=self._encryption is not None)  # before any key
         self._vault.delete_key(session_id)  # never its: the id was free
         snapshot = codec.seal_frame(
             session.revision, _SESSION, body, self._keys(session_id, create=True)

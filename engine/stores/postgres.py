@@ -44,7 +44,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 from .. import codec
-from ..crypto import SALT_NAME, SEAL_OVERHEAD, Encryption, KeyInput, RekeyOutcome, SessionKeys
+from ..crypto import SALT_NAME, Encryption, KeyInput, RekeyOutcome, SessionKeys
 from ..errors import (
     DecryptionError,
     EngineError,
@@ -65,6 +65,7 @@ from .base import (
     Lease,
     check_durability,
     check_fresh,
+    new_session_body,
     validate_session_id,
 )
 from .postgres_sql import (
@@ -72,13 +73,13 @@ from .postgres_sql import (
     SCHEMA_VERSION,
     STATEMENTS,
     driver,
+    loaded_records,
     migrate,
     split_schema,
     where,
 )
 from .sql import (
     COMPACT_MIN_BYTES,
-    check_complete,
     encode_event,
     failed_check,
     missing_key,
@@ -157,10 +158,7 @@ class PostgresStore:
 
     async def create(self, session: Session) -> None:
         """Insert a new session row with its snapshot (and its data key, when encrypted)."""
-        validate_session_id(session.id)
-        body = codec.dump_json(session, f"session {session.id}")
-        overhead = SEAL_OVERHEAD if self._encryption is not None else 0
-        codec.check_record_size(session.revision, len(body) + overhead)
+        body = new_session_body(session, sealed=self._encryption is not None)
         await self._connect()  # a passphrase needs the store's salt first
         keys, key_record = None, None
         if self._encryption is not None:
@@ -200,10 +198,10 @@ class PostgresStore:
         row = await self._call("fetchrow", "load", session_id)
         if row is None:
             return None, False
-        steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
-        events = list(zip(row["seqs"] or (), row["events"] or (), strict=True)) if posted else []
         source = f"postgres {self.schema} session {session_id}"
-        check_complete(source, row["snapshot_revision"], steps, row["revision"])
+        steps, events = loaded_records(row, source)
+        if not posted:
+            events = []
         key_record = row["key_record"]
 
         def decode(keys: SessionKeys | None) -> Session:

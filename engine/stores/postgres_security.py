@@ -14,9 +14,9 @@ from typing import Any
 from ..crypto import Encryption, RekeyOutcome, SessionKeys
 from ..errors import SessionNotFoundError
 from ..models import Event, Session
+from .postgres_sql import loaded_records
 from .sql import (
     Rekeyed,
-    check_complete,
     decode_events,
     in_clear,
     open_records,
@@ -85,10 +85,8 @@ async def rekey(
 
 def _rekeyed(encryption: Encryption, session_id: str, row: Any, source: str) -> Rekeyed:
     """Decode a session's rows under its current keys and seal them anew."""
-    steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
-    events = list(zip(row["seqs"] or (), row["events"] or (), strict=True))
-    # Missing last steps: refuse, or the rewrite would make the rollback permanent.
-    check_complete(source, row["snapshot_revision"], steps, row["revision"])
+    # Missing last steps are refused: a rewrite would make the rollback permanent.
+    steps, events = loaded_records(row, source)
 
     def decode(keys: SessionKeys | None) -> tuple[Session, list[Event]]:
         session = rebuild_session(

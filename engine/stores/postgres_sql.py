@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import EngineError, StorageError
+from .sql import check_complete
 
 SCHEMA_VERSION = 3
 DEFAULT_SCHEMA = "stepvault"
@@ -282,6 +283,21 @@ async def migrate(conn: Any, schema: str, sql: dict[str, str]) -> None:
     for version in range(current + 1, SCHEMA_VERSION + 1):
         await conn.execute(MIGRATIONS[version].format(s=schema))
         await conn.execute(sql["migration_done"], version)
+
+
+Records = list[tuple[int, bytes]]
+
+
+def loaded_records(row: Any, source: str) -> tuple[Records, Records]:
+    """Return a ``load`` row's steps and posted events, refusing missing last steps.
+
+    Every reader of a session (a load, a check, a rekey) goes through here, so a
+    session whose last step rows were deleted is never read as an older revision.
+    """
+    steps = list(zip(row["revisions"] or (), row["records"] or (), strict=True))
+    events = list(zip(row["seqs"] or (), row["events"] or (), strict=True))
+    check_complete(source, row["snapshot_revision"], steps, row["revision"])
+    return steps, events
 
 
 def driver() -> ModuleType:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import codec
-from ..crypto import SEAL_OVERHEAD, Encryption, KeyInput, RekeyOutcome, SessionKeys
+from ..crypto import Encryption, KeyInput, RekeyOutcome, SessionKeys
 from ..errors import (
     EngineError,
     LeaseLostError,
@@ -54,6 +54,7 @@ from .base import (
     Lease,
     check_durability,
     check_fresh,
+    new_session_body,
     validate_session_id,
 )
 from .sql import (
@@ -156,11 +157,7 @@ class SQLiteStore:
 
     async def create(self, session: Session) -> None:
         """Insert a new session row with its snapshot (and its data key, when encrypted)."""
-        validate_session_id(session.id)
-        body = codec.dump_json(session, f"session {session.id}")
-        # Before touching the database: bad data creates nothing, not even a data key.
-        overhead = SEAL_OVERHEAD if self._encryption is not None else 0
-        codec.check_record_size(session.revision, len(body) + overhead)
+        body = new_session_body(session, sealed=self._encryption is not None)
         await self._run(self._create_sync, session, body)
 
     async def load(self, session_id: str) -> Session | None:
