@@ -10,15 +10,14 @@ holding 200 sessions of a four-step workflow. The session count comes from
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
+import lease_worker  # its workflow and step names, not to run it
 import pytest
 
 from engine import SessionManager
@@ -31,17 +30,6 @@ DEADLINE = 300.0
 """Seconds the workers may take in all: a hang, not slowness."""
 
 
-def _load_worker() -> ModuleType:
-    """Import lease_worker.py by path, for its workflow (not to run it)."""
-    spec = importlib.util.spec_from_file_location("stepvault_lease_worker", WORKER_PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-WORKER = _load_worker()
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -64,7 +52,7 @@ async def test_four_processes_complete_every_session_exactly_once(tmp_path: Path
     ids = set()
     for index in range(SESSIONS):
         session = manager.new_session()
-        session.workflow, session.input = WORKER.workflow.name, index
+        session.workflow, session.input = lease_worker.workflow.name, index
         ids.add((await manager.insert_session(session)).id)
     await manager.close()
 
@@ -97,7 +85,7 @@ async def test_four_processes_complete_every_session_exactly_once(tmp_path: Path
 
     # And each step of each session was committed once, by the process its state names
     commits = Counter((line[1], line[2]) for line in events if line[0] == "commit")
-    assert set(commits) == {(sid, step) for sid in ids for step in WORKER.STEP_NAMES}
+    assert set(commits) == {(sid, step) for sid in ids for step in lease_worker.STEP_NAMES}
     assert max(commits.values()) == 1
     committer = {(line[1], line[2]): int(line[3]) for line in events if line[0] == "commit"}
     assert len(set(committer.values())) > 1, "one process did all the work: nothing was shared"
@@ -107,8 +95,8 @@ async def test_four_processes_complete_every_session_exactly_once(tmp_path: Path
             session = await store.load(sid)
             assert session is not None
             assert session.status == "completed"
-            assert session.steps_done == WORKER.STEP_NAMES
-            for step in WORKER.STEP_NAMES:
+            assert session.steps_done == lease_worker.STEP_NAMES
+            for step in lease_worker.STEP_NAMES:
                 assert session.state[f"ran_by:{step}"] == committer[(sid, step)]
     finally:
         await store.close()

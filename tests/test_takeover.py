@@ -15,7 +15,6 @@ sessions taken: every commit it tries raises ``LeaseLostError`` and writes nothi
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import sys
@@ -23,8 +22,8 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from types import ModuleType
 
+import lease_worker  # its workflow and step names, not to run it
 import pytest
 
 from engine import Runner, Session, SessionManager, Store
@@ -37,19 +36,8 @@ DEADLINE = 120.0
 """Seconds any wait may take: a hang, not slowness."""
 
 
-def _load_worker() -> ModuleType:
-    """Import lease_worker.py by path, for its workflow (not to run it)."""
-    spec = importlib.util.spec_from_file_location("stepvault_takeover_worker", WORKER_PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-WORKER = _load_worker()
-STEPS: list[str] = WORKER.STEP_NAMES
-HOLD_STEP: str = WORKER.HOLD_STEP
+STEPS: list[str] = lease_worker.STEP_NAMES
+HOLD_STEP: str = lease_worker.HOLD_STEP
 
 
 def read_log(path: Path) -> list[list[str]]:
@@ -80,7 +68,7 @@ async def add_sessions(store: Store, count: int) -> set[str]:
     ids = set()
     for index in range(count):
         session = manager.new_session()
-        session.workflow, session.input = WORKER.workflow.name, index
+        session.workflow, session.input = lease_worker.workflow.name, index
         ids.add((await manager.insert_session(session)).id)
     return ids
 
@@ -190,7 +178,7 @@ async def test_a_runner_paused_past_its_lease_cannot_commit_when_it_resumes(
     # finishes it once the paused runner's leases have run out
     os.kill(stale.pid, signal.SIGSTOP)
     try:
-        async with Runner(store, [WORKER.workflow], lease_ttl=LEASE_TTL) as survivor:
+        async with Runner(store, [lease_worker.workflow], lease_ttl=LEASE_TTL) as survivor:
             deadline = time.monotonic() + DEADLINE
             while any(s.status != "completed" for s in (await load_all(store, ids)).values()):
                 assert time.monotonic() < deadline, "the survivor did not finish in time"
