@@ -29,6 +29,7 @@ from engine import (
     Session,
     SessionBusyError,
     SessionManager,
+    SessionNotFoundError,
     StorageError,
     Store,
     ToolResult,
@@ -387,6 +388,26 @@ async def test_a_lock_held_by_one_instance_excludes_another(
     # And the first, without the lock, cannot commit with its old lease
     with pytest.raises(Exception, match="lease"):
         await first.commit(held, step_checkpoint(session, 1))
+
+
+async def test_a_session_deleted_by_another_store_takes_no_more_commits_from_its_holder(
+    make_file_store: MakeFileStore, make_session: MakeSession
+) -> None:
+    # Given a runner's store holding a session it has committed to (its journal open)
+    holder, other = make_file_store(), make_file_store()
+    session = make_session()
+    await holder.create(session)
+    lease = await lease_for(holder, session.id)
+    await commit(holder, lease, session, step_checkpoint(session, 0))
+
+    # When another process's store deletes it
+    assert await other.delete(session.id)
+
+    # Then the holder's next commit fails instead of writing into the removed files
+    with pytest.raises(SessionNotFoundError):
+        await holder.commit(lease, step_checkpoint(session, 1))
+    assert await other.load(session.id) is None
+    assert not [p for p in other.path.iterdir() if p.name == session.id]
 
 
 async def test_closing_a_store_releases_its_locks(

@@ -329,6 +329,34 @@ async def test_a_power_cut_anywhere_in_a_create_leaves_no_session_or_the_whole_o
 
 
 @ENCRYPTED
+async def test_a_power_cut_anywhere_in_a_group_committed_create_leaves_none_or_the_whole_one(
+    tmp_path: Path, encrypted: bool
+) -> None:
+    # Given a create with group commit: built with no sync of its own, then a syncfs
+    outcome, operations = await sweep(
+        tmp_path,
+        "group-committed create",
+        lambda s: s.operations[:1],
+        encrypted=encrypted,
+        compact_bytes=1 << 30,
+        durability="batch",
+    )
+
+    # Then every crash image holds no session or the whole one
+    assert_no_violations(outcome)
+    assert outcome.at_k > 0
+    assert [op.label for op in operations] == ["create"]
+    assert outcome.at_k1 > 0
+    # And the shared syncfs is what made it durable
+    probe = await record_scenario(
+        tmp_path / "probe", 1, key=None, compact_bytes=1 << 30, durability="batch"
+    )
+    calls = probe.operations[0].calls(probe.recorder)
+    assert calls[-1].startswith("syncfs"), calls
+    assert not any(call.startswith(("fsync", "fdatasync")) for call in calls), calls
+
+
+@ENCRYPTED
 async def test_a_power_cut_anywhere_in_a_checkpoint_recovers_k_or_k_plus_1(
     tmp_path: Path, encrypted: bool
 ) -> None:
@@ -369,7 +397,7 @@ async def test_a_power_cut_anywhere_in_a_group_committed_checkpoint_recovers_k_o
     assert outcome.at_k1 > 0
 
     # And what made each append durable was the shared syncfs, not a sync of its own
-    # (the first commit under a lease still syncs the folders it builds on)
+    # (the first commit under a lease too: the sync covers what it builds on)
     probe = await record_scenario(
         tmp_path / "probe", STEPS, key=None, compact_bytes=1 << 30, durability="batch"
     )

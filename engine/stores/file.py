@@ -145,11 +145,33 @@ class FileStore:
         """Store a new session: built in a temporary folder, then renamed into place."""
         body = new_session_body(session, sealed=self._encryption is not None)
         finished = session.status not in UNFINISHED
-        await self._run(self._create_sync, session.id, session.revision, body, finished)
+        if self._group is None:
+            await self._run(self._create_sync, session.id, session.revision, body, finished)
+            return
+        # Group commit: built on the loop's thread, made durable by the group's syncs:
+        # one before the rename (no name may point at a snapshot not yet on disk), one after.
+        try:
+            self._root()  # the folder the group's syncs open
+            self._group.prepare()
+            building = self._build(session.id, session.revision, body, sync=False)
+        except OSError as exc:
+            raise StorageError(f"file store {self.path}: {exc}") from exc
+        try:
+            await self._group.wait()
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        try:
+            self._place(building, session.id)
+        except OSError as exc:
+            raise StorageError(f"file store {self.path}: {exc}") from exc
+        await self._group.wait()
+        if finished:
+            file_index.mark(self._root(), session.id)
 
     async def load(self, session_id: str) -> Session | None:
         """Return the session rebuilt from its snapshot and journal, or None."""
-        return await self._run(file_reads.load, self, validate_session_id(session_id))
+        return await self._io(file_reads.load, self, validate_session_id(session_id))
 
     async def save(self, session: Session) -> None:
         """Replace the session whole; ``SessionBusyError`` if a runner holds it."""
@@ -199,7 +221,7 @@ class FileStore:
         except BaseException:
             # Not durable (a failed sync) or not known to be (cancelled): never leave it
             # to be found later as if it had been acknowledged.
-            self._tails.pop(session_id, None)
+            self._forget_tail(session_id)
             with contextlib.suppress(OSError):
                 file_records.truncate(self._root() / session_id / JOURNAL, start)
             raise
@@ -258,7 +280,7 @@ class FileStore:
         validate_session_id(session_id)
         wanted = Lease(session_id, owner, next(self._tokens))
         try:
-            return await self._run(self._acquire_sync, wanted)
+            return await self._io(self._acquire_sync, wanted)
         except asyncio.CancelledError:
             # The thread may have taken the lock before the caller gave up on it: a lease
             # nobody will ever release would strand the session until this store closes.
@@ -338,6 +360,20 @@ class FileStore:
         except OSError as exc:
             raise StorageError(f"file store {self.path}: {exc}") from exc
 
+    async def _io(self, fn: Callable[..., _T], *args: object) -> _T:
+        """Run a session's I/O on the loop's thread with group commit, else on a worker.
+
+        Group commit is for many sessions at once: their small reads and writes cost
+        less inline than the thread hops, whose threads would also contend with the
+        loop for the interpreter; the syncs, the slow part, run on the group's thread.
+        """
+        if self._group is None:
+            return await self._run(fn, *args)
+        try:
+            return fn(*args)
+        except OSError as exc:
+            raise StorageError(f"file store {self.path}: {exc}") from exc
+
     def _root(self) -> Path:
         if not self._root_ready:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -370,6 +406,14 @@ class FileStore:
             self._encryption.forget(session_id)
 
     def _create_sync(self, session_id: str, revision: int, body: bytes, finished: bool) -> None:
+        building = self._build(session_id, revision, body, sync=self._sync)
+        self._place(building, session_id)
+        self._sync_dir(self._root())
+        if finished:
+            file_index.mark(self._root(), session_id)
+
+    def _build(self, session_id: str, revision: int, body: bytes, *, sync: bool) -> Path:
+        """Write a new session's folder under a temporary name; return where it is."""
         root = self._root()
         if self._session_dir(session_id) is not None:
             raise SessionExistsError(f"session {session_id} already exists")
@@ -379,26 +423,35 @@ class FileStore:
         building = root / f".creating-{session_id}-{uuid.uuid4().hex}"
         building.mkdir(mode=0o700)
         try:
-            file_records.write_snapshot(building, frame, sync=self._sync)
-            try:
-                building.rename(root / session_id)
-            except OSError as exc:  # a concurrent create of the same id won the race
-                raise SessionExistsError(f"session {session_id} already exists") from exc
+            file_records.write_snapshot(building, frame, sync=sync)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
-        self._sync_dir(root)
-        if finished:
-            file_index.mark(root, session_id)
+        return building
 
-    def _tail(self, session_id: str) -> Tail:
-        """Return where the journal ends; only the lock holder caches it."""
+    def _place(self, building: Path, session_id: str) -> None:
+        """Rename a built session folder into place: from then on the session exists."""
+        try:
+            building.rename(self._root() / session_id)
+        except BaseException as exc:
+            shutil.rmtree(building, ignore_errors=True)
+            if isinstance(exc, OSError):  # a concurrent create of the same id won the race
+                raise SessionExistsError(f"session {session_id} already exists") from exc
+            raise
+
+    def _tail(self, session_id: str, *, sync: bool = True) -> Tail:
+        """Return where the journal ends; only the lock holder caches it.
+
+        What it found is made durable first, unless the caller's write is to be made
+        durable by a group sync, which covers what was found too.
+        """
         tail = self._tails.get(session_id)
         if tail is None:
             found = file_reads.read_session(self, session_id)
             if found is None:
                 raise SessionNotFoundError(f"session {session_id} not found")
-            self._sync_session(session_id)
+            if sync:
+                self._sync_session(session_id)
             tail = self._tails[session_id] = found[1]
         return tail
 
@@ -445,51 +498,73 @@ class FileStore:
         it durable (group commit) or undoes it. A checkpoint that leaves the session
         unfinished first removes its finished mark, durably.
         """
-        tail = self._tail(session_id)
+        tail = self._tail(session_id, sync=sync)
         if not finished and tail.marked is not False:
             file_index.unmark(self._root(), session_id, sync=self._sync)
             tail.marked = False
         frame = codec.seal_frame(revision, CHECKPOINT_KIND, body, self._keys(session_id))
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
+        fd = self._journal_fd(session_id, tail)
+        found = os.fstat(fd)
+        if found.st_nlink == 0:  # deleted (by another process too) since it was opened
+            self._forget_tail(session_id)
+            raise SessionNotFoundError(f"session {session_id} was removed")
+        if found.st_size != tail.end:
+            # Someone else wrote since we looked, or a torn tail follows the last
+            # good record: re-read, then cut whatever is not a complete record.
+            self._forget_tail(session_id)
+            tail = self._tail(session_id, sync=sync)
+            fd = self._journal_fd(session_id, tail)
+            os.ftruncate(fd, tail.end)
+        if revision != tail.revision + 1:
+            raise StorageError(
+                f"session {session_id}: checkpoint revision {revision} does not "
+                f"follow stored revision {tail.revision}"
+            )
         try:
-            fd = os.open(tail.journal, flags, 0o600)
-        except FileNotFoundError:
-            raise SessionNotFoundError(f"session {session_id} was removed") from None
-        try:
-            if os.fstat(fd).st_size != tail.end:
-                # Someone else wrote since we looked, or a torn tail follows the last
-                # good record: re-read, then cut whatever is not a complete record.
-                self._tails.pop(session_id, None)
-                tail = self._tail(session_id)
-                os.ftruncate(fd, tail.end)
-            if revision != tail.revision + 1:
-                raise StorageError(
-                    f"session {session_id}: checkpoint revision {revision} does not "
-                    f"follow stored revision {tail.revision}"
-                )
-            try:
-                write_all(fd, frame, tail.end)
-                if sync and self._sync:
-                    os.fdatasync(fd)
-            except OSError:
-                # Never report this record as committed, and never leave it to be
-                # found later: a failed fsync may have dropped it from the cache.
-                self._tails.pop(session_id, None)
-                file_records.truncate_quietly(fd, tail.end)
-                raise
-            if tail.end == 0 and sync:
-                self._sync_dir(tail.folder)  # the journal's name must be durable too
-        finally:
-            os.close(fd)
+            write_all(fd, frame, tail.end)
+            if sync and self._sync:
+                os.fdatasync(fd)
+        except OSError:
+            # Never report this record as committed, and never leave it to be
+            # found later: a failed fsync may have dropped it from the cache.
+            file_records.truncate_quietly(fd, tail.end)
+            self._forget_tail(session_id)
+            raise
+        if tail.end == 0 and sync:
+            self._sync_dir(tail.folder)  # the journal's name must be durable too
         start = tail.end
         tail.end += len(frame)
         tail.revision = revision
         return start
 
+    def _journal_fd(self, session_id: str, tail: Tail) -> int:
+        """Return the journal's descriptor, opened once while the lease is held.
+
+        Raises:
+            SessionNotFoundError: the session's folder is gone.
+        """
+        fd = tail.fd
+        if fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
+            try:
+                fd = tail.fd = os.open(tail.journal, flags, 0o600)
+            except FileNotFoundError:
+                raise SessionNotFoundError(f"session {session_id} was removed") from None
+        return fd
+
+    def _forget_tail(self, session_id: str) -> None:
+        """Drop what is cached of the session's journal: it is read again when needed."""
+        tail = self._tails.pop(session_id, None)
+        if tail is not None and tail.fd is not None:
+            with contextlib.suppress(OSError):  # nothing was written since the last sync
+                os.close(tail.fd)
+            tail.fd = None
+
     def _replace_whole(self, folder: Path, frame: bytes, session: Session) -> None:
         """Make ``frame`` (``session`` encoded) the snapshot and empty the journal."""
         size = file_records.write_snapshot(folder, frame, sync=self._sync)
         file_records.empty_journal(folder, sync=self._sync)
+        self._forget_tail(session.id)
         self._tails[session.id] = Tail(0, session.revision, size, folder, str(folder / JOURNAL))
 
     def _save_sync(self, saved: Session, body: bytes) -> None:
@@ -545,7 +620,7 @@ class FileStore:
         doomed = trash / f"{session_id}.{uuid.uuid4().hex}"
         folder.rename(doomed)
         self._sync_dir(self._root())
-        self._tails.pop(session_id, None)
+        self._forget_tail(session_id)
         self._unlock(session_id)
         self._vault.delete_key(session_id)  # a removed session leaves no key behind
         self._forget_keys(session_id)
@@ -566,12 +641,12 @@ class FileStore:
         fd, takeovers = taken
         lease = replace(lease, takeovers=takeovers)
         self._locks[session_id] = (fd, lease)
-        self._tails.pop(session_id, None)  # another process may have written meanwhile
+        self._forget_tail(session_id)  # another process may have written meanwhile
         self._forget_keys(session_id)  # ... or rekeyed it
         return lease
 
     def _unlock(self, session_id: str) -> None:
         held = self._locks.pop(session_id, None)
-        self._tails.pop(session_id, None)
+        self._forget_tail(session_id)
         if held is not None:
             file_locks.give_back(held[0])

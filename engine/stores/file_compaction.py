@@ -60,7 +60,7 @@ def _compact_quietly(store: FileStore, session_id: str) -> None:
             store._replace_whole(folder, frame, session)
             compact_inbox(store, folder, session_id, session.inbox_seq)
     except (OSError, EngineError) as exc:
-        store._tails.pop(session_id, None)
+        store._forget_tail(session_id)
         _log.warning("compaction.failed", session_id=session_id, error=str(exc))
 
 

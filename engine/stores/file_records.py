@@ -39,6 +39,7 @@ class Tail:
     folder: Path
     journal: str  # the journal's path, made once: the hot path joins no paths
     marked: bool | None = None  # whether it carries the finished mark; None: not looked
+    fd: int | None = None  # the journal, open while the lease is held (``FileStore._journal_fd``)
 
 
 def read(folder: Path) -> tuple[bytes, bytes] | None:

@@ -129,7 +129,7 @@ def _move_aside(store: FileStore, session_id: str) -> str:
     (root / session_id).rename(target)
     store._sync_dir(root)
     store._sync_dir(folder)
-    store._tails.pop(session_id, None)
+    store._forget_tail(session_id)
     store._forget_keys(session_id)
     file_index.forget(root, session_id)
     return str(target)
