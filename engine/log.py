@@ -32,6 +32,15 @@ _PROCESSORS: list[Any] = [
 ]
 
 
+def enabled(level: int) -> bool:
+    """Tell whether the engine's events at ``level`` go anywhere.
+
+    The hot path asks before logging: an event dropped by level still costs a
+    bound logger's whole processing (an event dict, the level filter).
+    """
+    return logging.getLogger(LOGGER_NAME).isEnabledFor(level)
+
+
 def get_logger(**initial: Any) -> structlog.stdlib.BoundLogger:
     """Return the engine's logger with ``initial`` key-values bound."""
     logger: structlog.stdlib.BoundLogger = structlog.wrap_logger(

@@ -294,12 +294,16 @@ class Session(StoredModel):
             self.workflow_version = checkpoint.stamp.version
             self.workflow_fingerprint = checkpoint.stamp.fingerprint
             self.workflow_shape = list(checkpoint.stamp.shape)
-        self.status = checkpoint.status
-        self.error = checkpoint.error
-        self.wait = checkpoint.wait
-        self.last_activity = checkpoint.last_activity
-        self.expires_at = checkpoint.expires_at
-        self.revision = checkpoint.revision
+        # Written straight into the fields: the values come from a validated checkpoint,
+        # and pydantic's per-field __setattr__ would cost on every checkpoint.
+        vars(self).update(
+            status=checkpoint.status,
+            error=checkpoint.error,
+            wait=checkpoint.wait,
+            last_activity=checkpoint.last_activity,
+            expires_at=checkpoint.expires_at,
+            revision=checkpoint.revision,
+        )
 
 
 class Summarisable(Protocol):

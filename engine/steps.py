@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import tenacity as _t
 
 from .errors import EngineError, SerializationError, StepFailedError, StepTimeoutError
 from .journal import InFlight, SessionWriter, StepJournal, Suspended
-from .log import get_logger
+from .log import enabled, get_logger
 from .models import StateUndo, ToolResult, Wait, utcnow
 from .values import digest, state_changes, to_json
 from .workflow import Step, StepContext, Workflow
@@ -192,10 +193,6 @@ class _StepRun:
         started_at, started = utcnow(), time.perf_counter()
         writer.in_flight = InFlight(step.name, self.attempt, self.input_digest, started_at, started)
         self.tell("started")
-        log = _log.bind(
-            session_id=session.id, workflow=self.workflow.name, step=step.name, attempt=self.attempt
-        )
-        log.debug("step.started")
         ctx = StepContext(
             session_id=session.id,
             workflow=self.workflow.name,
@@ -206,9 +203,10 @@ class _StepRun:
             outputs=self.outputs,
             metadata=session.metadata,
             context=session.context,
-            log=log,
             recorder=StepJournal(writer, step.name, self.attempt, inline_wait=self.inline_wait),
         )
+        if enabled(logging.DEBUG):
+            ctx.log.debug("step.started")
         try:
             output = await call_step(step, ctx, self.value)
         except Suspended:
@@ -226,7 +224,7 @@ class _StepRun:
                 )
             except EngineError as store_error:
                 raise _CommitFailedError(store_error) from store_error
-            log.warning("step.failed", error=error, duration_ms=_ms(duration))
+            ctx.log.warning("step.failed", error=error, duration_ms=_ms(duration))
             self.tell("failed", duration=duration, error=error)
             raise
         writer.in_flight = None
@@ -251,14 +249,15 @@ class _StepRun:
             attempts={step.name: self.attempt},
             tool_results=[self.record(done.started_at, done.duration, None)],
         )
-        _log.info(
-            "step.committed",
-            session_id=self.session.id,
-            workflow=self.workflow.name,
-            step=step.name,
-            attempt=self.attempt,
-            duration_ms=_ms(done.duration),
-        )
+        if enabled(logging.INFO):
+            _log.info(
+                "step.committed",
+                session_id=self.session.id,
+                workflow=self.workflow.name,
+                step=step.name,
+                attempt=self.attempt,
+                duration_ms=_ms(done.duration),
+            )
         self.tell("committed", duration=done.duration)
         return done.output
 

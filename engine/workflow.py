@@ -18,6 +18,7 @@ import structlog
 from pydantic import TypeAdapter
 
 from .errors import InvalidArgumentError, WorkflowDefinitionError
+from .log import get_logger
 from .models import SessionContext, SessionMetadata, WorkflowStamp, to_seconds
 
 FailurePolicy = Literal["fail", "park"]
@@ -61,13 +62,13 @@ class StepContext:
     """
 
     __slots__ = (
+        "_log",
         "_recorder",
         "_stopped",
         "attempt",
         "context",
         "idempotency_key",
         "input",
-        "log",
         "metadata",
         "outputs",
         "session_id",
@@ -88,7 +89,7 @@ class StepContext:
         outputs: Mapping[str, Any],
         metadata: SessionMetadata,
         context: SessionContext,
-        log: structlog.stdlib.BoundLogger,
+        log: structlog.stdlib.BoundLogger | None = None,
         recorder: StepRecorder | None = None,
     ) -> None:
         self._recorder = recorder
@@ -103,10 +104,25 @@ class StepContext:
         self.metadata = metadata
         self.context = context
         self.idempotency_key = f"{session_id}:{step}"
-        self.log = log
+        self._log = log
 
     def __repr__(self) -> str:
         return f"StepContext({self.session_id!r}, step={self.step!r}, attempt={self.attempt})"
+
+    @property
+    def log(self) -> structlog.stdlib.BoundLogger:
+        """The engine's logger, with this attempt's session, workflow, step and attempt bound.
+
+        Bound on first use: most steps never log, and binding costs on every attempt.
+        """
+        if self._log is None:
+            self._log = get_logger(
+                session_id=self.session_id,
+                workflow=self.workflow,
+                step=self.step,
+                attempt=self.attempt,
+            )
+        return self._log
 
     @property
     def cancelled(self) -> bool:

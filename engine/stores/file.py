@@ -450,10 +450,20 @@ class FileStore:
             found = file_reads.read_session(self, session_id)
             if found is None:
                 raise SessionNotFoundError(f"session {session_id} not found")
-            if sync:
-                self._sync_session(session_id)
             tail = self._tails[session_id] = found[1]
+        if sync and not tail.synced:
+            self._sync_session(session_id)
+            tail.synced = True
         return tail
+
+    def _keep_tail(self, session_id: str, tail: Tail) -> None:
+        """Keep where a load under this store's lock found the journal's end.
+
+        The runner loads a session right after taking its lease, then commits: the
+        first commit need not read the session again.
+        """
+        if session_id in self._locks and session_id not in self._tails:
+            self._tails[session_id] = tail
 
     def _sync_session(self, session_id: str) -> None:
         """Make durable what a writer is about to build on.
@@ -565,7 +575,9 @@ class FileStore:
         size = file_records.write_snapshot(folder, frame, sync=self._sync)
         file_records.empty_journal(folder, sync=self._sync)
         self._forget_tail(session.id)
-        self._tails[session.id] = Tail(0, session.revision, size, folder, str(folder / JOURNAL))
+        self._tails[session.id] = Tail(
+            0, session.revision, size, folder, str(folder / JOURNAL), synced=True
+        )
 
     def _save_sync(self, saved: Session, body: bytes) -> None:
         folder = self._session_dir(saved.id)

@@ -36,10 +36,13 @@ def is_marked(root: Path, session_id: str) -> bool:
 def mark(root: Path, session_id: str) -> None:
     """Mark a session whose finished status is durable; a failure only costs a read later."""
     folder = root / FINISHED
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
     try:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
-        os.close(os.open(folder / session_id, flags, 0o600))
+        try:
+            os.close(os.open(folder / session_id, flags, 0o600))
+        except FileNotFoundError:  # the first mark of this store
+            folder.mkdir(mode=0o700, exist_ok=True)
+            os.close(os.open(folder / session_id, flags, 0o600))
     except (OSError, EngineError) as exc:
         _log.warning("finished_mark.failed", session_id=session_id, error=str(exc))
 

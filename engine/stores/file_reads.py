@@ -57,6 +57,7 @@ def load(store: FileStore, session_id: str) -> Session | None:
             store._forget_keys(session_id)  # rekeyed since its keys were cached?
             continue
         file_inbox.merge(session, events)
+        store._keep_tail(session_id, found[1])
         return session
     raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
 

@@ -20,7 +20,7 @@ from ..crypto import SessionKeys
 from ..errors import CorruptSessionError
 from ..models import Checkpoint, Session
 from .file_listing import CheckpointHead, SessionHead
-from .fsutil import O_CLOEXEC, read_file, replace_file, sync_file
+from .fsutil import O_CLOEXEC, open_to_read, read_file, replace_file, sync_file
 
 SNAPSHOT = "snapshot"
 JOURNAL = "journal"
@@ -40,6 +40,7 @@ class Tail:
     journal: str  # the journal's path, made once: the hot path joins no paths
     marked: bool | None = None  # whether it carries the finished mark; None: not looked
     fd: int | None = None  # the journal, open while the lease is held (``FileStore._journal_fd``)
+    synced: bool = False  # what was found is durable (``FileStore._tail``)
 
 
 def read(folder: Path) -> tuple[bytes, bytes] | None:
@@ -49,7 +50,7 @@ def read(folder: Path) -> tuple[bytes, bytes] | None:
         FileNotFoundError: the folder holds no snapshot.
     """
     snapshot_path = folder / SNAPSHOT
-    fd = os.open(snapshot_path, os.O_RDONLY | os.O_NOFOLLOW | O_CLOEXEC)
+    fd = open_to_read(snapshot_path)
     # Keep the snapshot open until the check: its inode cannot be reused meanwhile.
     with os.fdopen(fd, "rb") as handle:
         inode = os.fstat(fd).st_ino

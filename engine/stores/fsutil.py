@@ -15,6 +15,26 @@ from ..errors import StorageError
 
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | O_CLOEXEC
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def open_to_read(path: Path | str) -> int:
+    """Open a store file to read, without following a symlink or updating its access time.
+
+    A read right after a write would otherwise update the access time (``relatime``):
+    a metadata write that waits on the filesystem's journal while a sync runs.
+    ``O_NOATIME`` is refused on files we do not own: those are opened plainly.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+    """
+    if _O_NOATIME:
+        try:
+            return os.open(path, _READ | _O_NOATIME)
+        except PermissionError:
+            pass
+    return os.open(path, _READ)
 
 
 def private_folder(folder: Path, *, create: bool) -> Path | None:
@@ -38,7 +58,7 @@ def private_folder(folder: Path, *, create: bool) -> Path | None:
 def read_file(path: Path, limit: int | None = None) -> bytes | None:
     """Read a whole file (at most ``limit`` bytes) without following a symlink; None if absent."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | O_CLOEXEC)
+        fd = open_to_read(path)
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as handle:
