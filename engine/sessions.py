@@ -234,7 +234,8 @@ class SessionManager:
         started = time.perf_counter()
         now = utcnow()
         cleaned, skipped = 0, dict[str, str]()
-        async for page in list_pages(self.store):  # keyset pages: deleting cannot shift them
+        # Keyset pages (deleting cannot shift them), of the sessions that may have expired.
+        async for page in list_pages(self.store, expired_at=now):
             for row in page:
                 cleaned += await self._clean(row, now, skipped)
         result = CleanupResult(

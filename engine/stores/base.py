@@ -6,6 +6,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal, Protocol, cast, runtime_checkable
 
 from .. import codec
@@ -140,21 +141,49 @@ class UnfinishedListing(Protocol):
         ...
 
 
+@runtime_checkable
+class ExpiredListing(Protocol):
+    """A store that can list the sessions that may have expired without the others.
+
+    A cleanup sweep wants the expired sessions; reading every session to learn
+    its expiry, sweep after sweep, is most of the sweep's work.
+    """
+
+    async def list_expired_page(
+        self, now: datetime, after: str | None = None, limit: int = LIST_PAGE
+    ) -> list[SessionInfo]:
+        """Like ``list_page``, skipping sessions known not to be expired at ``now``.
+
+        Every session expired by ``now`` is in some page; an unexpired one may be
+        too (the caller checks each row's expiry).
+        """
+        ...
+
+
 async def list_pages(
-    store: Store, limit: int = LIST_PAGE, *, unfinished: bool = False
+    store: Store,
+    limit: int = LIST_PAGE,
+    *,
+    unfinished: bool = False,
+    expired_at: datetime | None = None,
 ) -> AsyncIterator[list[SessionInfo]]:
     """Yield every stored session's row, a page at a time where the store can page.
 
-    With ``unfinished``, a store that can skips the sessions it knows are finished.
+    With ``unfinished``, a store that can skips the sessions it knows are finished;
+    with ``expired_at``, the sessions it knows are not expired at that time.
     """
     if not isinstance(store, PagedListing):
         yield await store.list()
         return
     skip_finished = unfinished and isinstance(store, UnfinishedListing)
+    skip_unexpired = expired_at is not None and isinstance(store, ExpiredListing)
     after: str | None = None
     while True:
         if skip_finished:
             page = await cast(UnfinishedListing, store).list_unfinished_page(after, limit)
+        elif skip_unexpired:
+            assert expired_at is not None  # checked above
+            page = await cast(ExpiredListing, store).list_expired_page(expired_at, after, limit)
         else:
             page = await store.list_page(after, limit)
         if not page:  # only an empty page ends it: a store may return a short one

@@ -36,7 +36,8 @@ import shutil
 import stat
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -53,6 +54,7 @@ from ..errors import (
 from ..models import UNFINISHED, Checkpoint, Event, Session, SessionInfo
 from . import (
     file_compaction,
+    file_expiry,
     file_inbox,
     file_index,
     file_locks,
@@ -82,6 +84,18 @@ COMPACT_MIN_BYTES = 1 << 20
 """A journal smaller than this is never compacted: replaying it is cheap."""
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One checkpoint on its way to the journal, and what follows from it."""
+
+    session_id: str
+    body: bytes  # the checkpoint's JSON
+    revision: int
+    absorbs: int | None  # the inbox number it takes events up to, if any
+    finished: bool  # its status ends the session: mark it (``file_index``)
+    expires: float  # the session's expiry, POSIX seconds (``file_expiry``)
 
 
 class FileStore:
@@ -145,8 +159,11 @@ class FileStore:
         """Store a new session: built in a temporary folder, then renamed into place."""
         body = new_session_body(session, sealed=self._encryption is not None)
         finished = session.status not in UNFINISHED
+        expires = session.expires_at.timestamp()
         if self._group is None:
-            await self._run(self._create_sync, session.id, session.revision, body, finished)
+            await self._run(
+                self._create_sync, session.id, session.revision, body, finished, expires
+            )
             return
         # Group commit: built on the loop's thread, made durable by the group's syncs:
         # one before the rename (no name may point at a snapshot not yet on disk), one after.
@@ -168,6 +185,7 @@ class FileStore:
         await self._group.wait()
         if finished:
             file_index.mark(self._root(), session.id)
+        file_expiry.set_bound(self._root(), session.id, expires)
 
     async def load(self, session_id: str) -> Session | None:
         """Return the session rebuilt from its snapshot and journal, or None."""
@@ -187,33 +205,36 @@ class FileStore:
         if held is None or held[1] != lease:
             raise LeaseLostError(f"session {session_id}: this lease is not the one held here")
         what = f"checkpoint {checkpoint.revision} of session {session_id}"
-        body = codec.dump_json(checkpoint, what)
-        absorbs = checkpoint.inbox_seq
-        finished = checkpoint.status not in UNFINISHED
-        revision = checkpoint.revision
+        write = _Write(
+            session_id,
+            codec.dump_json(checkpoint, what),
+            checkpoint.revision,
+            checkpoint.inbox_seq,
+            checkpoint.status not in UNFINISHED,
+            checkpoint.expires_at.timestamp(),
+        )
         if self._group is not None:
-            await self._commit_in_group(session_id, body, revision, absorbs, finished)
+            await self._commit_in_group(write)
         elif self.inline_commits and len(self._locks) == 1:
             try:
-                self._commit_sync(session_id, body, revision, absorbs, finished)
+                self._commit_sync(write)
             except OSError as exc:
                 raise StorageError(f"file store {self.path}: {exc}") from exc
             await asyncio.sleep(0)  # let the loop's other tasks run between checkpoints
         else:
-            await self._run(self._commit_sync, session_id, body, revision, absorbs, finished)
+            await self._run(self._commit_sync, write)
 
-    async def _commit_in_group(
-        self, session_id: str, body: bytes, revision: int, absorbs: int | None, finished: bool
-    ) -> None:
+    async def _commit_in_group(self, write: _Write) -> None:
         """Group commit: write on the loop's thread, then share a sync with the others.
 
         The append only reaches the page cache (microseconds, no thread hop); the
         group's next ``syncfs`` makes it durable along with every other session's.
         """
         assert self._group is not None
+        session_id = write.session_id
         try:
             self._group.prepare()  # before the write: its errors must reach the sync
-            start = self._append(session_id, body, revision, finished, sync=False)
+            start = self._append(write, sync=False)
         except OSError as exc:
             raise StorageError(f"file store {self.path}: {exc}") from exc
         try:
@@ -225,9 +246,10 @@ class FileStore:
             with contextlib.suppress(OSError):
                 file_records.truncate(self._root() / session_id / JOURNAL, start)
             raise
-        self._mark_if_finished(session_id, finished)
-        if file_compaction.due(self, session_id, absorbs):
-            await self._run(file_compaction.compact_if_due, self, session_id, absorbs)
+        self._mark_if_finished(session_id, write.finished)
+        self._bound_if_behind(session_id, write.expires)
+        if file_compaction.due(self, session_id, write.absorbs):
+            await self._run(file_compaction.compact_if_due, self, session_id, write.absorbs)
 
     async def post_event(self, session_id: str, event: Event) -> int:
         """Append ``event`` to the session's inbox file without the lease; return its number.
@@ -268,6 +290,15 @@ class FileStore:
         if after is not None:
             validate_session_id(after)
         return await self._run(partial(file_reads.rows, unfinished=True), self, after, limit)
+
+    async def list_expired_page(
+        self, now: datetime, after: str | None = None, limit: int = LIST_PAGE
+    ) -> builtins.list[SessionInfo]:
+        """Like ``list_page``, skipping unread the sessions whose expiry bound is after ``now``."""
+        if after is not None:
+            validate_session_id(after)
+        rows = partial(file_reads.rows, expired_by=now.timestamp())
+        return await self._run(rows, self, after, limit)
 
     async def acquire(
         self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
@@ -405,12 +436,15 @@ class FileStore:
         if self._encryption is not None:
             self._encryption.forget(session_id)
 
-    def _create_sync(self, session_id: str, revision: int, body: bytes, finished: bool) -> None:
+    def _create_sync(
+        self, session_id: str, revision: int, body: bytes, finished: bool, expires: float
+    ) -> None:
         building = self._build(session_id, revision, body, sync=self._sync)
         self._place(building, session_id)
         self._sync_dir(self._root())
         if finished:
             file_index.mark(self._root(), session_id)
+        file_expiry.set_bound(self._root(), session_id, expires)
 
     def _build(self, session_id: str, revision: int, body: bytes, *, sync: bool) -> Path:
         """Write a new session's folder under a temporary name; return where it is."""
@@ -480,17 +514,11 @@ class FileStore:
         sync_folder(folder)
         sync_folder(self._root())
 
-    def _commit_sync(
-        self,
-        session_id: str,
-        body: bytes,
-        revision: int,
-        absorbs: int | None = None,
-        finished: bool = False,
-    ) -> None:
-        self._append(session_id, body, revision, finished, sync=True)
-        self._mark_if_finished(session_id, finished)
-        file_compaction.compact_if_due(self, session_id, absorbs)
+    def _commit_sync(self, write: _Write) -> None:
+        self._append(write, sync=True)
+        self._mark_if_finished(write.session_id, write.finished)
+        self._bound_if_behind(write.session_id, write.expires)
+        file_compaction.compact_if_due(self, write.session_id, write.absorbs)
 
     def _mark_if_finished(self, session_id: str, finished: bool) -> None:
         """Mark a session whose finished status is now durable (``file_index``)."""
@@ -499,20 +527,31 @@ class FileStore:
             file_index.mark(self._root(), session_id)
             tail.marked = True
 
-    def _append(
-        self, session_id: str, body: bytes, revision: int, finished: bool, *, sync: bool
-    ) -> int:
+    def _bound_if_behind(self, session_id: str, expires: float) -> None:
+        """Move the session's expiry bound (``file_expiry``) up to a durable expiry.
+
+        Once per lease, then only when it lags by more than ``file_expiry.LAG``: a
+        sliding expiry moves at every checkpoint, and an early bound costs a sweep
+        no more than a read.
+        """
+        tail = self._tails.get(session_id)
+        if tail is not None and (tail.bound is None or expires - tail.bound > file_expiry.LAG):
+            file_expiry.set_bound(self._root(), session_id, expires)
+            tail.bound = expires
+
+    def _append(self, write: _Write, *, sync: bool) -> int:
         """Append the checkpoint as the journal's next record; return where it starts.
 
         With ``sync`` it is durable on return (fdatasync); without, the caller makes
         it durable (group commit) or undoes it. A checkpoint that leaves the session
         unfinished first removes its finished mark, durably.
         """
+        session_id, revision = write.session_id, write.revision
         tail = self._tail(session_id, sync=sync)
-        if not finished and tail.marked is not False:
+        if not write.finished and tail.marked is not False:
             file_index.unmark(self._root(), session_id, sync=self._sync)
             tail.marked = False
-        frame = codec.seal_frame(revision, CHECKPOINT_KIND, body, self._keys(session_id))
+        frame = codec.seal_frame(revision, CHECKPOINT_KIND, write.body, self._keys(session_id))
         fd = self._journal_fd(session_id, tail)
         found = os.fstat(fd)
         if found.st_nlink == 0:  # deleted (by another process too) since it was opened
@@ -593,8 +632,11 @@ class FileStore:
             finished = saved.status not in UNFINISHED
             if not finished:
                 file_index.unmark(self._root(), saved.id, sync=self._sync)
+            # A save may move the expiry earlier: no bound may outlive the old one.
+            file_expiry.remove_bound(self._root(), saved.id, sync=self._sync)
             self._replace_whole(folder, frame, saved)
             self._mark_if_finished(saved.id, finished)
+            self._bound_if_behind(saved.id, saved.expires_at.timestamp())
             file_compaction.compact_inbox_quietly(self, folder, saved.id, saved.inbox_seq)
         finally:
             self._unlock(saved.id)
@@ -637,6 +679,7 @@ class FileStore:
         self._vault.delete_key(session_id)  # a removed session leaves no key behind
         self._forget_keys(session_id)
         file_index.forget(self._root(), session_id)
+        file_expiry.forget(self._root(), session_id)
         shutil.rmtree(doomed)
         return True
 

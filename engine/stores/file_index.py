@@ -53,7 +53,20 @@ def unmark(root: Path, session_id: str, *, sync: bool) -> None:
     Raises:
         OSError: the mark could not be removed (the caller must not go on).
     """
-    folder = root / FINISHED
+    remove_entry(root / FINISHED, session_id, sync=sync)
+
+
+def forget(root: Path, session_id: str) -> None:
+    """Drop the mark of a session that is gone (deleted, shredded, quarantined)."""
+    drop_entry(root / FINISHED, session_id, "finished_mark.failed")
+
+
+def remove_entry(folder: Path, session_id: str, *, sync: bool) -> None:
+    """Remove the session's entry in ``folder``, durably with ``sync``.
+
+    Raises:
+        OSError: it could not be removed.
+    """
     try:
         (folder / session_id).unlink()
     except FileNotFoundError:
@@ -62,12 +75,12 @@ def unmark(root: Path, session_id: str, *, sync: bool) -> None:
         sync_folder(folder)
 
 
-def forget(root: Path, session_id: str) -> None:
-    """Drop the mark of a session that is gone (deleted, shredded, quarantined)."""
+def drop_entry(folder: Path, session_id: str, failure: str) -> None:
+    """Remove the entry of a session that is gone; a failure is logged as ``failure``."""
     try:
-        (root / FINISHED / session_id).unlink(missing_ok=True)
-    except OSError as exc:  # a stale mark on a gone session is harmless
-        _log.warning("finished_mark.failed", session_id=session_id, error=str(exc))
+        (folder / session_id).unlink(missing_ok=True)
+    except OSError as exc:  # a stale entry of a gone session is harmless
+        _log.warning(failure, session_id=session_id, error=str(exc))
 
 
 def finished(root: Path) -> set[str]:

@@ -41,6 +41,7 @@ class Tail:
     marked: bool | None = None  # whether it carries the finished mark; None: not looked
     fd: int | None = None  # the journal, open while the lease is held (``FileStore._journal_fd``)
     synced: bool = False  # what was found is durable (``FileStore._tail``)
+    bound: float | None = None  # the expiry bound set under this lease (``file_expiry``)
 
 
 def read(folder: Path) -> tuple[bytes, bytes] | None:

@@ -21,7 +21,7 @@ from ..errors import (
     SessionNotFoundError,
     StorageError,
 )
-from . import file_compaction, file_inbox, file_index, file_reads
+from . import file_compaction, file_expiry, file_inbox, file_index, file_reads
 from .base import Lease
 from .file_inbox import INBOX
 from .file_records import JOURNAL, SNAPSHOT
@@ -132,6 +132,7 @@ def _move_aside(store: FileStore, session_id: str) -> str:
     store._forget_tail(session_id)
     store._forget_keys(session_id)
     file_index.forget(root, session_id)
+    file_expiry.forget(root, session_id)
     return str(target)
 
 
