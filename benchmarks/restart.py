@@ -1,4 +1,5 @@
-"""Restart figures: how soon resume_all starts work, and how fast a long session loads.
+"""Restart figures: how soon resume_all starts work, how fast a long session loads, and
+how long a cleanup sweep over the stored sessions takes.
 
 python benchmarks/restart.py SESSIONS STEPS   # prints one JSON object
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import FileStore, Runner, SessionManager, StepContext, Workflow
+from engine.stores.file_expiry import EXPIRY
 
 
 def _workflow(steps: int, started: list[float], first: asyncio.Event | None = None) -> Workflow:
@@ -83,6 +86,7 @@ async def measure(many: Path, long: Path, sessions: int, steps: int) -> dict[str
     if len(ids) != sessions:
         raise RuntimeError(f"resume_all found {len(ids)} of {sessions} sessions")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    bounded, unbounded = await _sweeps(many)
 
     session_id = await _long_session(long, steps)
     store = FileStore(long)
@@ -98,7 +102,28 @@ async def measure(many: Path, long: Path, sessions: int, steps: int) -> dict[str
         "peak_rss_mb": rss_mb,
         "long_session_steps": steps,
         "load_long_session_ms": load_ms,
+        "cleanup_sweep_s": bounded,
+        "cleanup_sweep_without_bounds_s": unbounded,
     }
+
+
+async def _sweeps(folder: Path) -> tuple[float, float]:
+    """Time a cleanup sweep over the (live) sessions with their expiry bounds, then without.
+
+    Without bounds (a store written by an older stepvault) the sweep reads every
+    session, and gives each a bound.
+    """
+    manager = SessionManager(FileStore(folder), cleanup_interval=None)
+    timings = []
+    for drop_bounds in (False, True):
+        if drop_bounds:
+            shutil.rmtree(folder / EXPIRY)
+        begin = time.perf_counter()
+        result = await manager.perform_cleanup()
+        timings.append(time.perf_counter() - begin)
+        if result.cleaned_sessions or result.skipped:
+            raise RuntimeError(f"the sweep removed or skipped live sessions: {result}")
+    return timings[0], timings[1]
 
 
 if __name__ == "__main__":
