@@ -285,7 +285,7 @@ class StepJournal:
             input_digest=input_digest,
             started_at=started_at,
             finished_at=utcnow(),
-            duration=time.perf_counter() - started,
+            duration=round(time.perf_counter() - started, 6),
         )
 
 

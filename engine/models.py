@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from .errors import InvalidArgumentError
 
@@ -95,13 +95,9 @@ class ToolResult(StoredModel):
     error: str | None = None
     started_at: Timestamp
     finished_at: Timestamp
-    duration: float = Field(description="seconds")
-
-    @field_validator("duration")
-    @classmethod
-    def _microseconds(cls, seconds: float) -> float:
-        """Keep durations to the microsecond: the clock says no more, and it saves bytes."""
-        return round(seconds, 6)
+    duration: float = Field(
+        description="seconds; the engine measures to the microsecond (no more bytes stored)"
+    )
 
     @property
     def ok(self) -> bool:

@@ -67,7 +67,7 @@ class Operations(Driver):
                             error="cancelled",
                             started_at=stopped.started_at,
                             finished_at=utcnow(),
-                            duration=time.perf_counter() - stopped.started,
+                            duration=round(time.perf_counter() - stopped.started, 6),
                         )
                     )
                 await writer.commit(status="cancelled", error="cancelled", tool_results=records)
