@@ -176,11 +176,15 @@ async def test_a_commit_waits_for_another_processs_write_without_blocking_the_lo
     try:
         assert await asyncio.wait_for(holder.stdout.readline(), timeout=30) == b"locked\n"
 
-        # When the store commits, the commit waits while the event loop keeps running
+        # When the store commits (a lone session: it tries on the loop's thread first),
+        # the commit waits while the event loop keeps running
         checkpoint = checkpoint_for(session, step="one")
         committing = asyncio.ensure_future(sqlite_store.commit(lease, checkpoint))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         for _ in range(20):
             await asyncio.sleep(0.01)
+        assert loop.time() - began < 10  # not blocked for SQLite's busy timeout (60 s)
         assert not committing.done()
 
         # Then once the other process lets go, the commit completes (no "database is locked")
@@ -312,3 +316,4 @@ async def test_a_store_reused_after_close_reconnects(
 
     assert await sqlite_store.load(session.id) == session
     assert await sqlite_store.load(str(uuid.uuid4())) is None
+

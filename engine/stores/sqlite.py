@@ -13,8 +13,9 @@ The database runs in WAL mode (readers never wait for the writer) with
 ``synchronous=FULL`` for durability ``"fsync"`` and ``"batch"`` (group commit:
 ``engine.stores.sqlite_group``); every write transaction is ``BEGIN IMMEDIATE``
 under a busy timeout, so processes queue for the write lock instead of failing
-with "database is locked". All sqlite3 calls of a store run on one thread of its
-own: the event loop never waits on the database.
+with "database is locked". The sqlite3 calls of a store run on one thread of its
+own, so the event loop never waits for another writer; while the store runs a
+single session, its commits run on the loop's thread (``sqlite_inline``).
 
 With an encryption key every record (snapshot, step, event) is sealed under its
 session's data key, wrapped in ``stepvault_session_keys`` (see docs/security.md);
@@ -46,6 +47,7 @@ from ..errors import (
 )
 from ..log import get_logger
 from ..models import UNFINISHED, Checkpoint, Event, Session, SessionInfo
+from . import sqlite_inline as inline
 from . import sqlite_security as security
 from .base import (
     DEFAULT_LEASE_TTL,
@@ -111,6 +113,11 @@ class SQLiteStore:
             together written in one transaction: one sync for all; see ``batches``)
             or ``"none"`` (``synchronous=OFF``, for tests).
         compact_bytes: step bytes below which no compaction happens.
+        inline_commits: while this store holds a single lease and its thread is idle,
+            commit on the event loop's thread (``engine.stores.sqlite_inline``): two
+            thread wake-ups less per checkpoint. Another writer holding the
+            database's lock sends the commit to the store's thread, so the loop
+            never waits for it. False always uses the store's thread.
 
     A lease lasts the ``ttl`` its runner asks for unless the runner's heartbeat
     renews it; a runner that dies is taken over once its lease has run out.
@@ -126,8 +133,10 @@ class SQLiteStore:
         encryption_key: KeyInput | None = None,
         durability: Durability = "fsync",
         compact_bytes: int = COMPACT_MIN_BYTES,
+        inline_commits: bool = True,
     ) -> None:
         self.path = Path(path)
+        self.inline_commits = inline_commits
         self.durability = check_durability(durability, supported=_DURABILITY)
         self.compact_bytes = compact_bytes
         self._encryption = Encryption.of(encryption_key)
@@ -138,6 +147,8 @@ class SQLiteStore:
         self._held: dict[str, Lease] = {}
         self._lease_keys: dict[str, bytes | None] = {}  # key row read with the held lease
         self._group = GroupCommit(self.path)
+        self._inline: sqlite3.Connection | None = None  # used on the loop's thread only
+        self._running = 0  # calls handed to the store's thread and not yet finished
 
     def __repr__(self) -> str:
         encrypted = ", encrypted" if self._encryption is not None else ""
@@ -183,6 +194,8 @@ class SQLiteStore:
         what = f"checkpoint {checkpoint.revision} of session {session_id}"
         body = codec.dump_json(checkpoint, what)
         if self.durability != "batch":
+            if await self._commit_inline(lease, checkpoint, body):
+                return
             await self._run(self._commit_sync, lease, checkpoint, body)
             return
         queued = self._group.put(lease, checkpoint, body)
@@ -300,12 +313,51 @@ class SQLiteStore:
         """
         return await self._run(self._rekey_sync, validate_session_id(session_id))
 
+    async def _commit_inline(self, lease: Lease, checkpoint: Checkpoint, body: bytes) -> bool:
+        """Commit on this thread if it is the store's only session; return whether it did."""
+        session_id = lease.session_id
+        if not (
+            self.inline_commits
+            and len(self._held) == 1
+            and self._held.get(session_id) == lease
+            and self._db is not None
+        ):
+            return False
+        if self._inline is None:
+            self._inline = await self._run(self._open_inline)
+        if self._running:  # the store's thread is busy with this store: take turns
+            return False
+        try:
+            folded = inline.try_write(
+                self._inline, lambda db: self._commit_in(db, lease, checkpoint, body)
+            )
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"sqlite store {self.path}: {exc}") from exc
+        if folded is inline.BUSY:
+            return False
+        if folded:
+            await self._run(self._compact_quietly, session_id)
+        await asyncio.sleep(0)  # let the loop's other tasks run between checkpoints
+        return True
+
+    def _open_inline(self) -> sqlite3.Connection:
+        return inline.prepare(
+            connect(
+                self.path,
+                synchronous="OFF" if self.durability == "none" else "FULL",
+                secure_delete=self._encryption is not None,
+                any_thread=True,
+            )
+        )
+
     # -- running on the store's thread ----------------------------------------
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="stepvault-sqlite")
         work = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._running += 1
+        work.add_done_callback(self._finished)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -317,6 +369,9 @@ class SQLiteStore:
             raise
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"sqlite store {self.path}: {exc}") from exc
+
+    def _finished(self, _: object) -> None:
+        self._running -= 1
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -376,6 +431,9 @@ class SQLiteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._inline is not None:  # the loop waits on this close: nothing uses it
+            self._inline.close()
+            self._inline = None
 
     def _dropped(self, session_id: str) -> None:
         """Forget what this store held of a session just removed: its lease, its keys."""

@@ -129,12 +129,16 @@ def _switch_to_wal(db: sqlite3.Connection, path: Path) -> str:
         return mode
 
 
-def connect(path: Path, *, synchronous: str, secure_delete: bool) -> sqlite3.Connection:
+def connect(
+    path: Path, *, synchronous: str, secure_delete: bool, any_thread: bool = False
+) -> sqlite3.Connection:
     """Open (creating if need be) and migrate the database in WAL mode.
 
     Args:
         synchronous: ``FULL`` (a commit is durable when it returns) or ``OFF``.
         secure_delete: zero deleted rows on disk (an encrypted store's keys).
+        any_thread: the connection may be used from another thread than this one
+            (one thread at a time: the caller sees to it).
 
     Raises:
         StorageError: SQLite is too old, the file is not a regular file, WAL mode
@@ -147,7 +151,9 @@ def connect(path: Path, *, synchronous: str, secure_delete: bool) -> sqlite3.Con
         )
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _create_file(path)
-    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    db = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=not any_thread
+    )
     try:
         mode = _switch_to_wal(db, path)
         if mode != "wal":
