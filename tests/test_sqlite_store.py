@@ -158,11 +158,15 @@ async def test_a_reader_in_another_program_does_not_hold_up_a_commit(
 async def test_a_commit_waits_for_another_processs_write_without_blocking_the_loop(
     sqlite_store: SQLiteStore, database: Path, make_session: MakeSession
 ) -> None:
-    # Given another process holding the database's write lock
+    # Given a store running one session (so it commits on the loop's thread), and
+    # another process holding the database's write lock
     session = make_session()
     await sqlite_store.create(session)
     lease = await sqlite_store.acquire(session.id, "runner-a")
     assert lease is not None
+    first = checkpoint_for(session, step="zero")
+    await sqlite_store.commit(lease, first)
+    session.apply(first)
     holder = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -176,8 +180,7 @@ async def test_a_commit_waits_for_another_processs_write_without_blocking_the_lo
     try:
         assert await asyncio.wait_for(holder.stdout.readline(), timeout=30) == b"locked\n"
 
-        # When the store commits (a lone session: it tries on the loop's thread first),
-        # the commit waits while the event loop keeps running
+        # When the store commits, the commit waits while the event loop keeps running
         checkpoint = checkpoint_for(session, step="one")
         committing = asyncio.ensure_future(sqlite_store.commit(lease, checkpoint))
         loop = asyncio.get_running_loop()
