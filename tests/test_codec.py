@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import struct
 import tracemalloc
 import zlib
@@ -202,3 +203,32 @@ def test_decode_model_reads_what_dump_json_wrote_and_rejects_the_rest() -> None:
     assert codec.decode_model(Checkpoint, good, "j") == checkpoint
     with pytest.raises(CorruptSessionError, match="j: undecodable record at offset 0"):
         codec.decode_model(Checkpoint, wrong, "j")
+
+
+def test_decoding_pauses_the_garbage_collector_and_leaves_it_as_it_found_it() -> None:
+    # Given a decode that looks at the collector, and one that fails
+    seen: list[bool] = []
+
+    @codec.collector_paused
+    def decode() -> None:
+        seen.append(gc.isenabled())
+
+    @codec.collector_paused
+    def broken() -> None:
+        raise CorruptSessionError("bad record")
+
+    # Then the collector is off while it runs, and on again after, even after a failure
+    assert gc.isenabled()
+    decode()
+    with pytest.raises(CorruptSessionError):
+        broken()
+    assert seen == [False]
+    assert gc.isenabled()
+
+    # And a collector the application turned off stays off
+    gc.disable()
+    try:
+        decode()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

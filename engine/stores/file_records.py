@@ -61,6 +61,7 @@ def read(folder: Path) -> tuple[bytes, bytes] | None:
     return None if replaced else (snapshot, journal)
 
 
+@codec.collector_paused
 def decode(
     session_id: str,
     folder: Path,

@@ -44,6 +44,7 @@ COMPACT_MIN_BYTES = 1 << 20
 """Step bytes below which a session's steps are never folded into its snapshot."""
 
 
+@codec.collector_paused
 def rebuild_session(
     source: str,
     session_id: str,
