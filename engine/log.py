@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 LOGGER_NAME = "stepvault"
+_STDLIB_LOGGER = logging.getLogger(LOGGER_NAME)
 
 _renderer: Any = structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True)
 
@@ -38,7 +39,7 @@ def enabled(level: int) -> bool:
     The hot path asks before logging: an event dropped by level still costs a
     bound logger's whole processing (an event dict, the level filter).
     """
-    return logging.getLogger(LOGGER_NAME).isEnabledFor(level)
+    return _STDLIB_LOGGER.isEnabledFor(level)
 
 
 def get_logger(**initial: Any) -> structlog.stdlib.BoundLogger:

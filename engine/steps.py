@@ -235,17 +235,19 @@ class _StepRun:
         step, before = self.step, self.session.state
         stored_output = to_json(done.output, f"the output of step {step.name!r}")
         state_set, state_unset = state_changes(before, done.ctx.state, f"step {step.name!r}")
-        undo = StateUndo(
-            restore={k: before[k] for k in [*state_set, *state_unset] if k in before},
-            remove=[k for k in state_set if k not in before],
-        )
+        undo = None  # most steps change no state: nothing to take back
+        if state_set or state_unset:
+            undo = StateUndo(
+                restore={k: before[k] for k in [*state_set, *state_unset] if k in before},
+                remove=[k for k in state_set if k not in before],
+            )
         await self.writer.commit(
             status="completed" if self.index == len(self.workflow.steps) - 1 else "running",
             step=step.name,
             output=stored_output,
             state_set=state_set,
             state_unset=state_unset,
-            undo=undo if undo.restore or undo.remove else None,  # most steps: nothing to undo
+            undo=undo,
             attempts={step.name: self.attempt},
             tool_results=[self.record(done.started_at, done.duration, None)],
         )
