@@ -53,7 +53,7 @@ async def test_a_sweep_deletes_the_expired_and_leaves_the_others_unread(
     assert rows[damaged.id].problem is not None
 
 
-async def test_sessions_without_a_bound_are_read_by_the_sweep_and_given_one(
+async def test_sessions_without_a_bound_are_read_by_the_sweep_until_a_commit_bounds_them(
     make_file_store: MakeFileStore, make_session: MakeSession
 ) -> None:
     # Given sessions stored before bounds existed (an older stepvault): no bounds
@@ -67,10 +67,26 @@ async def test_sessions_without_a_bound_are_read_by_the_sweep_and_given_one(
     # When the sweep runs
     result = await SessionManager(store, cleanup_interval=None).perform_cleanup()
 
-    # Then the expired one is found and deleted, and the live one now has its bound
+    # Then the expired one is found and deleted, and the live one is left as it was
+    # (the sweep writes nothing to a session it does not delete)
     assert result.cleaned_sessions == 1
     assert await store.load(expired.id) is None
-    assert bound_of(store, live.id) == live.expires_at.timestamp()
+    assert await store.load(live.id) == live
+    assert bound_of(store, live.id) is None
+
+    # And the live one's next commit under a lease gives it its bound
+    lease = await store.acquire(live.id, "runner")
+    assert lease is not None
+    now = utcnow()
+    checkpoint = Checkpoint(
+        revision=live.revision + 1,
+        status="running",
+        last_activity=now,
+        expires_at=now + timedelta(hours=1),
+    )
+    await store.commit(lease, checkpoint)
+    assert bound_of(store, live.id) == checkpoint.expires_at.timestamp()
+    await store.release(lease)
 
 
 async def test_a_save_that_moves_the_expiry_earlier_lowers_the_bound(

@@ -19,10 +19,12 @@ With an encryption key every record is sealed under the session's data key, whos
 wrapped form lives in ``<root>/.keys/<id>.key`` (``file_keys``), apart from the
 session's folder: see docs/security.md.
 
-This module holds the store and its writes under the lease. The snapshot and
-journal files are read and written by ``file_records``, the ``lock`` file by
-``file_locks``; lock-free reads and listing live in ``file_reads``, and shred,
-check, quarantine and rekey in ``file_security``.
+This module holds the store and its writes under the lease. Creating a session
+is ``file_create``'s; the snapshot and journal files are read and written by
+``file_records``, the ``lock`` file by ``file_locks``; lock-free reads and listing
+live in ``file_reads`` (helped by the finished marks of ``file_index`` and the
+expiry bounds of ``file_expiry``), and shred, check, quarantine and rekey in
+``file_security``.
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ from ..crypto import Encryption, KeyInput, RekeyOutcome, SessionKeys
 from ..errors import (
     LeaseLostError,
     SessionBusyError,
-    SessionExistsError,
     SessionNotFoundError,
     StorageError,
 )
 from ..models import UNFINISHED, Checkpoint, Event, Session, SessionInfo
 from . import (
     file_compaction,
+    file_create,
     file_expiry,
     file_inbox,
     file_index,
@@ -69,7 +71,6 @@ from .base import (
     Lease,
     check_durability,
     check_fresh,
-    new_session_body,
     validate_session_id,
 )
 from .file_inbox import INBOX
@@ -157,35 +158,7 @@ class FileStore:
 
     async def create(self, session: Session) -> None:
         """Store a new session: built in a temporary folder, then renamed into place."""
-        body = new_session_body(session, sealed=self._encryption is not None)
-        finished = session.status not in UNFINISHED
-        expires = session.expires_at.timestamp()
-        if self._group is None:
-            await self._run(
-                self._create_sync, session.id, session.revision, body, finished, expires
-            )
-            return
-        # Group commit: built on the loop's thread, made durable by the group's syncs:
-        # one before the rename (no name may point at a snapshot not yet on disk), one after.
-        try:
-            self._root()  # the folder the group's syncs open
-            self._group.prepare()
-            building = self._build(session.id, session.revision, body, sync=False)
-        except OSError as exc:
-            raise StorageError(f"file store {self.path}: {exc}") from exc
-        try:
-            await self._group.wait()
-        except BaseException:
-            shutil.rmtree(building, ignore_errors=True)
-            raise
-        try:
-            self._place(building, session.id)
-        except OSError as exc:
-            raise StorageError(f"file store {self.path}: {exc}") from exc
-        await self._group.wait()
-        if finished:
-            file_index.mark(self._root(), session.id)
-        file_expiry.set_bound(self._root(), session.id, expires)
+        await file_create.create(self, session)
 
     async def load(self, session_id: str) -> Session | None:
         """Return the session rebuilt from its snapshot and journal, or None."""
@@ -436,43 +409,6 @@ class FileStore:
         if self._encryption is not None:
             self._encryption.forget(session_id)
 
-    def _create_sync(
-        self, session_id: str, revision: int, body: bytes, finished: bool, expires: float
-    ) -> None:
-        building = self._build(session_id, revision, body, sync=self._sync)
-        self._place(building, session_id)
-        self._sync_dir(self._root())
-        if finished:
-            file_index.mark(self._root(), session_id)
-        file_expiry.set_bound(self._root(), session_id, expires)
-
-    def _build(self, session_id: str, revision: int, body: bytes, *, sync: bool) -> Path:
-        """Write a new session's folder under a temporary name; return where it is."""
-        root = self._root()
-        if self._session_dir(session_id) is not None:
-            raise SessionExistsError(f"session {session_id} already exists")
-        file_index.unmark(root, session_id, sync=self._sync)  # one left by a removed namesake
-        # The data key is stored (durably) before any record: none exists without it.
-        frame = codec.seal_frame(revision, SESSION_KIND, body, self._keys(session_id, create=True))
-        building = root / f".creating-{session_id}-{uuid.uuid4().hex}"
-        building.mkdir(mode=0o700)
-        try:
-            file_records.write_snapshot(building, frame, sync=sync)
-        except BaseException:
-            shutil.rmtree(building, ignore_errors=True)
-            raise
-        return building
-
-    def _place(self, building: Path, session_id: str) -> None:
-        """Rename a built session folder into place: from then on the session exists."""
-        try:
-            building.rename(self._root() / session_id)
-        except BaseException as exc:
-            shutil.rmtree(building, ignore_errors=True)
-            if isinstance(exc, OSError):  # a concurrent create of the same id won the race
-                raise SessionExistsError(f"session {session_id} already exists") from exc
-            raise
-
     def _tail(self, session_id: str, *, sync: bool = True) -> Tail:
         """Return where the journal ends; only the lock holder caches it.
 
@@ -552,18 +488,27 @@ class FileStore:
             file_index.unmark(self._root(), session_id, sync=self._sync)
             tail.marked = False
         frame = codec.seal_frame(revision, CHECKPOINT_KIND, write.body, self._keys(session_id))
-        fd = self._journal_fd(session_id, tail)
-        found = os.fstat(fd)
-        if found.st_nlink == 0:  # deleted (by another process too) since it was opened
-            self._forget_tail(session_id)
-            raise SessionNotFoundError(f"session {session_id} was removed")
-        if found.st_size != tail.end:
+        with tail.guard:
+            fd = self._journal_fd(session_id, tail)
+            found = os.fstat(fd)
+            if found.st_nlink == 0:  # deleted (by another process too) since it was opened
+                self._forget_tail(session_id)
+                raise SessionNotFoundError(f"session {session_id} was removed")
+            if found.st_size == tail.end:
+                return self._write_frame(session_id, tail, fd, frame, revision, sync=sync)
             # Someone else wrote since we looked, or a torn tail follows the last
             # good record: re-read, then cut whatever is not a complete record.
             self._forget_tail(session_id)
-            tail = self._tail(session_id, sync=sync)
+        tail = self._tail(session_id, sync=sync)
+        with tail.guard:
             fd = self._journal_fd(session_id, tail)
             os.ftruncate(fd, tail.end)
+            return self._write_frame(session_id, tail, fd, frame, revision, sync=sync)
+
+    def _write_frame(
+        self, session_id: str, tail: Tail, fd: int, frame: bytes, revision: int, *, sync: bool
+    ) -> int:
+        """Write ``frame`` at the journal's end (``tail.guard`` held); return where it starts."""
         if revision != tail.revision + 1:
             raise StorageError(
                 f"session {session_id}: checkpoint revision {revision} does not "
@@ -589,9 +534,17 @@ class FileStore:
     def _journal_fd(self, session_id: str, tail: Tail) -> int:
         """Return the journal's descriptor, opened once while the lease is held.
 
+        Called with ``tail.guard`` held.
+
         Raises:
             SessionNotFoundError: the session's folder is gone.
+            LeaseLostError: the session was let go (released, or the store closed)
+                while this commit ran.
         """
+        if tail.dropped:  # by another thread, between this commit's read and its write
+            if self._session_dir(session_id) is None:
+                raise SessionNotFoundError(f"session {session_id} was removed")
+            raise LeaseLostError(f"session {session_id}: let go while a commit ran")
         fd = tail.fd
         if fd is None:
             flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
@@ -604,10 +557,14 @@ class FileStore:
     def _forget_tail(self, session_id: str) -> None:
         """Drop what is cached of the session's journal: it is read again when needed."""
         tail = self._tails.pop(session_id, None)
-        if tail is not None and tail.fd is not None:
-            with contextlib.suppress(OSError):  # nothing was written since the last sync
-                os.close(tail.fd)
-            tail.fd = None
+        if tail is None:
+            return
+        with tail.guard:  # waits for a commit writing through it on another thread
+            tail.dropped = True
+            if tail.fd is not None:
+                with contextlib.suppress(OSError):  # nothing was written since the last sync
+                    os.close(tail.fd)
+                tail.fd = None
 
     def _replace_whole(self, folder: Path, frame: bytes, session: Session) -> None:
         """Make ``frame`` (``session`` encoded) the snapshot and empty the journal."""

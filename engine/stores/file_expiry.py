@@ -4,13 +4,15 @@ A cleanup sweep looks for expired sessions; reading every session to learn its
 expiry costs a read per session per sweep. An empty file ``.expiry/<id>`` carries,
 as its modification time, a *bound*: a time before which the session is surely
 not expired. A sweep reads only the sessions whose bound has passed, or that have
-none (written by an older stepvault, or a bound lost in a crash).
+none (last written by an older stepvault, or a bound lost in a crash: the next
+commit under a lease sets one).
 
 The one rule: **a bound is never later than the session's expiry.** It is set
 from an expiry that is already durable (after a commit or create), a sliding
-expiry only moves later, and a save, which may move it earlier, removes the bound
-durably before it writes. A bound left behind by a crash is early, and early
-costs only a read.
+expiry only moves later, a save, which may move it earlier, removes the bound
+durably before it writes, and so does a create (a removed namesake's bound could
+be left by a crash). A bound left behind by a crash is early, and early costs
+only a read.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .. import codec
 from ..crypto import master_key_ids
-from ..errors import CorruptSessionError, DecryptionError, EngineError, StorageError
+from ..errors import CorruptSessionError, DecryptionError, StorageError
 from ..models import Session, SessionInfo
 from . import file_expiry, file_inbox, file_index, file_records
-from .base import Lease, is_session_id
+from .base import is_session_id
 from .file_inbox import INBOX
 from .file_listing import SessionHead
 from .file_records import SNAPSHOT, Tail
@@ -142,33 +142,7 @@ def rows(
             continue
         if found is not None:
             listed.append(found[0].info())
-            if expired_by is not None and name not in bounds:
-                _bound_unbounded(store, name)
     return listed
-
-
-def _bound_unbounded(store: FileStore, session_id: str) -> None:
-    """Give a session without an expiry bound (an older store's) one, under its lock.
-
-    Under the lock, no save can move the expiry earlier between the read and the
-    bound; a session held elsewhere is left for a later sweep.
-    """
-    if session_id in store._locks:
-        return
-    try:
-        lease = store._acquire_sync(Lease(session_id, "expiry", next(store._tokens)))
-    except (EngineError, OSError):  # gone, or its lock cannot be opened: next sweep
-        return
-    if lease is None:
-        return
-    try:
-        found = read_session(store, session_id, SessionHead)
-        if found is not None:
-            file_expiry.set_bound(store._root(), session_id, found[0].expires_at.timestamp())
-    except (EngineError, OSError):
-        pass  # unreadable: the next sweep reads it, and reports it, again
-    finally:
-        store._unlock(session_id)
 
 
 def _decode(

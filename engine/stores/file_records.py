@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,6 +43,11 @@ class Tail:
     fd: int | None = None  # the journal, open while the lease is held (``FileStore._journal_fd``)
     synced: bool = False  # what was found is durable (``FileStore._tail``)
     bound: float | None = None  # the expiry bound set under this lease (``file_expiry``)
+    # Held while ``fd`` is used or closed: a delete, release or close on another
+    # thread must not close it under a commit, whose write could then land in
+    # whatever file reused the number. Re-entrant: a commit's error path drops it.
+    guard: threading.RLock = field(default_factory=threading.RLock)
+    dropped: bool = False  # forgotten (``FileStore._forget_tail``): no more writes through it
 
 
 def read(folder: Path) -> tuple[bytes, bytes] | None:

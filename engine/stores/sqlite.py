@@ -263,9 +263,11 @@ class SQLiteStore:
         executor, self._executor = self._executor, None
         if executor is None:
             return
+        self._running += 1  # no inline commit while the connections close
         try:
             await asyncio.get_running_loop().run_in_executor(executor, self._close_sync)
         finally:
+            self._running -= 1
             executor.shutdown(wait=False)
 
     async def migrate(self) -> int:
@@ -431,7 +433,7 @@ class SQLiteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
-        if self._inline is not None:  # the loop waits on this close: nothing uses it
+        if self._inline is not None:  # no inline commit runs while this does (``_running``)
             self._inline.close()
             self._inline = None
 
