@@ -359,6 +359,31 @@ async def test_a_page_skips_sessions_deleted_while_it_is_read_and_stays_full(
     assert walked == [s.id for s in sessions[2:]]
 
 
+async def test_a_walk_for_resume_visits_each_session_once_as_others_come_and_go(
+    file_store: FileStore, make_session: MakeSession
+) -> None:
+    # Given seven unfinished sessions and a walk in pages of two (the folder listed
+    # once, by its first page)
+    sessions = sorted((make_session(status="running") for _ in range(7)), key=lambda s: s.id)
+    for session in sessions:
+        await file_store.create(session)
+    walked: list[str] = []
+    late = make_session(status="running")
+
+    # When, mid-walk, a session is deleted and another created
+    async for page in list_pages(file_store, limit=2, unfinished=True):
+        walked.extend(row.id for row in page)
+        if len(walked) == 2:
+            assert await file_store.delete(sessions[-1].id)
+            await file_store.create(late)
+
+    # Then every session that was there and stayed is visited once, in order
+    assert walked == [s.id for s in sessions[:-1]]
+    # And the next walk lists the folder again: the new session is in it
+    again = [row.id async for rows in list_pages(file_store, 2, unfinished=True) for row in rows]
+    assert again == sorted([late.id, *walked])
+
+
 # -- locks between instances and processes --------------------------------------
 
 

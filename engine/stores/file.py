@@ -149,6 +149,9 @@ class FileStore:
         self._locks: dict[str, tuple[int, Lease]] = {}
         self._tokens = itertools.count(1)
         self._root_ready = False
+        # The ids a paged walk skipping finished or unexpired sessions visits, listed
+        # by its first page: (what it skips, the ids, the last id it returned).
+        self._walk: tuple[tuple[bool, float | None], list[str], str | None] | None = None
 
     def __repr__(self) -> str:
         encrypted = ", encrypted" if self._encryption is not None else ""

@@ -9,7 +9,10 @@ key that a rekey elsewhere may have replaced.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -115,18 +118,14 @@ def rows(
     expiry bound (``file_expiry``) is later: what is left never misses a session
     expired by then.
     """
-    root = store._root()
-    skipped = file_index.finished(root) if unfinished else set()
-    bounds = file_expiry.bounds(root) if expired_by is not None else {}
-    names = sorted(
-        name
-        for name in os.listdir(root)
-        # Skips what is no session folder: .trash, an interrupted create, ...
-        if is_session_id(name)
-        and (after is None or name > after)
-        and name not in skipped
-        and not (expired_by is not None and bounds.get(name, expired_by) > expired_by)
-    )
+    walking = unfinished or expired_by is not None
+    names: Iterable[str]
+    if walking:
+        every = _walked(store, after, unfinished, expired_by)
+        start = 0 if after is None else bisect.bisect_right(every, after)
+        names = itertools.islice(every, start, None)
+    else:
+        names = _listed(store, after, unfinished, expired_by)
     listed: list[SessionInfo] = []
     for name in names:
         if limit is not None and len(listed) >= limit:
@@ -142,7 +141,45 @@ def rows(
             continue
         if found is not None:
             listed.append(found[0].info())
+    if walking:  # the next page of this walk continues after the last row
+        store._walk = ((unfinished, expired_by), every, listed[-1].id) if listed else None
     return listed
+
+
+def _listed(
+    store: FileStore, after: str | None, unfinished: bool, expired_by: float | None
+) -> list[str]:
+    """Return the sorted ids of the session folders after ``after``, less the skipped ones."""
+    root = store._root()
+    skipped = file_index.finished(root) if unfinished else set()
+    bounds = file_expiry.bounds(root) if expired_by is not None else {}
+    return sorted(
+        name
+        for name in os.listdir(root)
+        # Skips what is no session folder: .trash, an interrupted create, ...
+        if is_session_id(name)
+        and (after is None or name > after)
+        and name not in skipped
+        and not (expired_by is not None and bounds.get(name, expired_by) > expired_by)
+    )
+
+
+def _walked(
+    store: FileStore, after: str | None, unfinished: bool, expired_by: float | None
+) -> list[str]:
+    """Return every id a skipping walk visits, listed once per walk.
+
+    A walk of 100,000 sessions in pages of 1,000 would list the root folder (and
+    the marks or bounds) again for every page: a hundred lists of 100,000 names,
+    churned through the interpreter's memory. The first page lists them; a page
+    that continues where the last one ended reuses that list, as a view of the
+    store when the walk began (a session created since is run by its creator, or
+    swept by the next sweep).
+    """
+    walk = store._walk
+    if after is not None and walk is not None and walk[::2] == ((unfinished, expired_by), after):
+        return walk[1]
+    return _listed(store, None, unfinished, expired_by)
 
 
 def _decode(
