@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -382,6 +383,27 @@ async def test_a_walk_for_resume_visits_each_session_once_as_others_come_and_go(
     # And the next walk lists the folder again: the new session is in it
     again = [row.id async for rows in list_pages(file_store, 2, unfinished=True) for row in rows]
     assert again == sorted([late.id, *walked])
+
+
+async def test_a_page_asked_for_long_after_the_last_one_lists_the_folder_again(
+    file_store: FileStore, make_session: MakeSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a walk's first page (a cursor kept by a caller who pages slowly)
+    first = sorted((make_session(status="running") for _ in range(3)), key=lambda s: s.id)
+    for session in first:
+        await file_store.create(session)
+    page = await file_store.list_unfinished_page(None, 2)
+    assert [row.id for row in page] == [s.id for s in first[:2]]
+
+    # When a session is created, and the next page is asked for a minute later
+    last = make_session(id="ffffffff-ffff-4fff-bfff-ffffffffffff", status="running")
+    await file_store.create(last)
+    later = time.monotonic() + file_reads.WALK_REUSE
+    monkeypatch.setattr(file_reads.time, "monotonic", lambda: later)
+    rest = await file_store.list_unfinished_page(page[-1].id, 10)
+
+    # Then that page comes from a fresh listing: the new session is in it
+    assert [row.id for row in rest] == [first[2].id, last.id]
 
 
 # -- locks between instances and processes --------------------------------------

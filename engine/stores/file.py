@@ -150,8 +150,8 @@ class FileStore:
         self._tokens = itertools.count(1)
         self._root_ready = False
         # The ids a paged walk skipping finished or unexpired sessions visits, listed
-        # by its first page: (what it skips, the ids, the last id it returned).
-        self._walk: tuple[tuple[bool, float | None], list[str], str | None] | None = None
+        # by its first page: (what it skips, the ids, the last id it returned, when).
+        self._walk: tuple[tuple[bool, float | None], list[str], str, float] | None = None
 
     def __repr__(self) -> str:
         encrypted = ", encrypted" if self._encryption is not None else ""
@@ -544,7 +544,10 @@ class FileStore:
             LeaseLostError: the session was let go (released, or the store closed)
                 while this commit ran.
         """
-        if tail.dropped:  # by another thread, between this commit's read and its write
+        # Let go by another thread (deleted, released, the store closed) between this
+        # commit's check of its lease and its write: the lock is no longer ours.
+        if tail.dropped or session_id not in self._locks:
+            self._forget_tail(session_id)
             if self._session_dir(session_id) is None:
                 raise SessionNotFoundError(f"session {session_id} was removed")
             raise LeaseLostError(f"session {session_id}: let go while a commit ran")
@@ -570,7 +573,14 @@ class FileStore:
                 tail.fd = None
 
     def _replace_whole(self, folder: Path, frame: bytes, session: Session) -> None:
-        """Make ``frame`` (``session`` encoded) the snapshot and empty the journal."""
+        """Make ``frame`` (``session`` encoded) the snapshot and empty the journal.
+
+        Raises:
+            LeaseLostError: the session's lock is no longer held here (let go by
+                another thread while a compaction read it).
+        """
+        if session.id not in self._locks:
+            raise LeaseLostError(f"session {session.id}: let go before it was rewritten")
         size = file_records.write_snapshot(folder, frame, sync=self._sync)
         file_records.empty_journal(folder, sync=self._sync)
         self._forget_tail(session.id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -28,6 +29,9 @@ from .file_records import SNAPSHOT, Tail
 
 if TYPE_CHECKING:
     from .file import FileStore
+
+WALK_REUSE = 60.0
+"""Seconds a walk's listing serves its next page; a page asked for later lists again."""
 
 READ_ATTEMPTS = 10
 """Reads of a session that another process is rewriting, before giving up."""
@@ -142,7 +146,10 @@ def rows(
         if found is not None:
             listed.append(found[0].info())
     if walking:  # the next page of this walk continues after the last row
-        store._walk = ((unfinished, expired_by), every, listed[-1].id) if listed else None
+        if listed:
+            store._walk = ((unfinished, expired_by), every, listed[-1].id, time.monotonic())
+        else:
+            store._walk = None
     return listed
 
 
@@ -177,7 +184,13 @@ def _walked(
     swept by the next sweep).
     """
     walk = store._walk
-    if after is not None and walk is not None and walk[::2] == ((unfinished, expired_by), after):
+    if (
+        after is not None
+        and walk is not None
+        and walk[0] == (unfinished, expired_by)
+        and walk[2] == after
+        and time.monotonic() - walk[3] < WALK_REUSE
+    ):
         return walk[1]
     return _listed(store, None, unfinished, expired_by)
 
