@@ -34,7 +34,7 @@ from .models import (
     to_seconds,
     utcnow,
 )
-from .stores.base import Store, list_pages, validate_session_id
+from .stores.base import Store, count_unexpired, list_pages, validate_session_id
 
 _log = get_logger()
 
@@ -121,10 +121,7 @@ class SessionManager:
         """Store a session built by ``new_session``, enforcing ``max_sessions``."""
         self._start_cleanup()
         if self.max_sessions is not None:
-            now = utcnow()
-            live = 0
-            async for page in list_pages(self.store):
-                live += sum(1 for row in page if not row.is_expired(now))
+            live = await count_unexpired(self.store, utcnow())
             if live >= self.max_sessions:
                 raise SessionLimitError(
                     f"cannot create session: {live} unexpired sessions, limit {self.max_sessions}"

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from engine import FileStore, Session, SessionManager
+import pytest
+
+from engine import FileStore, Session, SessionLimitError, SessionManager
 from engine.models import Checkpoint, utcnow
 from engine.stores.file_expiry import EXPIRY, LAG
 
@@ -156,3 +158,30 @@ async def test_a_deleted_session_leaves_no_bound(
     await store.create(session)
     assert await store.delete(session.id)
     assert not (store_path / EXPIRY / session.id).exists()
+
+
+async def test_counting_unexpired_sessions_agrees_with_a_listing(
+    make_file_store: MakeFileStore, make_session: MakeSession
+) -> None:
+    # Given live, expired and damaged sessions, some without a bound (an older store's)
+    store = make_file_store()
+    now = utcnow()
+    live = [make_session() for _ in range(3)]
+    expired = [make_session(expires_at=now - timedelta(seconds=1)) for _ in range(2)]
+    for session in (*live, *expired):
+        await store.create(session)
+    damaged_live, damaged_expired = live[0], expired[0]
+    corrupt(store, damaged_live.id)
+    (store.path / EXPIRY / live[1].id).unlink()
+    corrupt(store, damaged_expired.id)
+
+    # When they are counted as max_sessions does before a create
+    counted = await store.count_unexpired(now)
+
+    # Then the count is the listing's (an unreadable row counts: it has no expiry)
+    rows = await store.list()
+    assert counted == sum(1 for row in rows if not row.is_expired(now)) == 4
+    # And a manager at its limit refuses the next create, one below lets it through
+    with pytest.raises(SessionLimitError):
+        await SessionManager(store, max_sessions=4, cleanup_interval=None).create_session()
+    await SessionManager(store, max_sessions=5, cleanup_interval=None).create_session()

@@ -160,6 +160,32 @@ class ExpiredListing(Protocol):
         ...
 
 
+@runtime_checkable
+class UnexpiredCount(Protocol):
+    """A store that can count its unexpired sessions without reading every one.
+
+    ``max_sessions`` counts them before every create; reading every session for
+    each create makes creating the n-th session cost n reads.
+    """
+
+    async def count_unexpired(self, now: datetime) -> int:
+        """Return how many sessions are not expired at ``now``, as a listing counts them.
+
+        An unreadable session counts (its listing row has no expiry to have passed).
+        """
+        ...
+
+
+async def count_unexpired(store: Store, now: datetime) -> int:
+    """Count the sessions not expired at ``now``, by the store's own count if it has one."""
+    if isinstance(store, UnexpiredCount):
+        return await store.count_unexpired(now)
+    live = 0
+    async for page in list_pages(store):
+        live += sum(1 for row in page if not row.is_expired(now))
+    return live
+
+
 async def list_pages(
     store: Store,
     limit: int = LIST_PAGE,

@@ -276,6 +276,10 @@ class FileStore:
         rows = partial(file_reads.rows, expired_by=now.timestamp())
         return await self._run(rows, self, after, limit)
 
+    async def count_unexpired(self, now: datetime) -> int:
+        """Count the sessions not expired at ``now``, reading only those whose bound passed."""
+        return await self._run(file_reads.count_unexpired, self, now.timestamp())
+
     async def acquire(
         self, session_id: str, owner: str, *, ttl: float = DEFAULT_LEASE_TTL
     ) -> Lease | None:

@@ -153,6 +153,29 @@ def rows(
     return listed
 
 
+def count_unexpired(store: FileStore, now: float) -> int:
+    """Count the sessions not expired at ``now`` (POSIX seconds), reading only those
+    whose expiry bound (``file_expiry``) has passed, or that have none."""
+    root = store._root()
+    bounds = file_expiry.bounds(root)
+    live = 0
+    for name in os.listdir(root):
+        if not is_session_id(name):
+            continue  # .trash, an interrupted create, ...
+        if bounds.get(name, now) > now:
+            live += 1
+            continue
+        try:
+            found = read_session(store, name, SessionHead)
+            if found is not None:  # a damaged inbox makes the session unreadable too
+                codec.scan_frames(file_inbox.read(found[1].folder), str(found[1].folder / INBOX))
+        except (StorageError, OSError):
+            live += 1  # unreadable: a listing row without an expiry, counted as one
+            continue
+        live += found is not None and found[0].expires_at.timestamp() > now
+    return live
+
+
 def _listed(
     store: FileStore, after: str | None, unfinished: bool, expired_by: float | None
 ) -> list[str]:
