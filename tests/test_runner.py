@@ -1006,9 +1006,9 @@ async def test_resume_all_runs_at_most_max_concurrency_sessions_at_once(
     assert peak == 2
 
 
-async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores) -> None:
-    interrupted, held = Gate(), Gate()
-    wf = Workflow("backlogged")
+def _gated(name: str, interrupted: Gate, held: Gate, factor: int = 1) -> Workflow:
+    """Two steps, the first held by ``interrupted``, the second by ``held``: value x factor."""
+    wf = Workflow(name)
 
     @wf.step
     async def first(ctx: StepContext, value: int) -> int:
@@ -1018,13 +1018,26 @@ async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores)
     @wf.step
     async def second(ctx: StepContext, value: int) -> int:
         await held.pass_through(ctx.session_id)
-        return value * 10
+        return value * factor
+
+    return wf
+
+
+async def _interrupted(stores: Stores, wf: Workflow, interrupted: Gate, count: int) -> list[str]:
+    """Start ``count`` sessions (inputs 0, 1, ...) and stop their runner mid-first-step."""
+    async with Runner(stores.open(), [wf]) as runner:
+        sids = [await runner.start(wf, n) for n in range(count)]
+        await _eventually(lambda: len(interrupted.waiting) == count)
+    interrupted.open()
+    return sids
+
+
+async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores) -> None:
+    interrupted, held = Gate(), Gate()
+    wf = _gated("backlogged", interrupted, held, factor=10)
 
     # Given six interrupted sessions
-    async with Runner(stores.open(), [wf]) as runner:
-        sids = [await runner.start(wf, n) for n in range(6)]
-        await _eventually(lambda: len(interrupted.waiting) == 6)
-    interrupted.open()
+    sids = await _interrupted(stores, wf, interrupted, 6)
 
     # When a runner limited to two at once resumes them all
     async with Runner(stores.open(), [wf], max_concurrency=2) as runner:
@@ -1045,23 +1058,10 @@ async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores)
 
 async def test_a_session_cancelled_in_the_backlog_never_starts(stores: Stores) -> None:
     interrupted, held = Gate(), Gate()
-    wf = Workflow("queued")
-
-    @wf.step
-    async def first(ctx: StepContext, value: int) -> int:
-        await interrupted.pass_through(ctx.session_id)
-        return value
-
-    @wf.step
-    async def second(ctx: StepContext, value: int) -> int:
-        await held.pass_through(ctx.session_id)
-        return value
+    wf = _gated("queued", interrupted, held)
 
     # Given two interrupted sessions, resumed by a runner that runs one at a time
-    async with Runner(stores.open(), [wf]) as runner:
-        sids = [await runner.start(wf, n) for n in range(2)]
-        await _eventually(lambda: len(interrupted.waiting) == 2)
-    interrupted.open()
+    sids = await _interrupted(stores, wf, interrupted, 2)
     async with Runner(stores.open(), [wf], max_concurrency=1) as runner:
         await runner.resume_all()
         await _eventually(lambda: len(held.waiting) == 1)

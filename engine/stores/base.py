@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol, cast, runtime_checkable
+from typing import Literal, Protocol, TypeVar, cast, runtime_checkable
 
 from .. import codec
 from ..crypto import SEAL_OVERHEAD
@@ -102,6 +103,8 @@ class Store(Protocol):
         ...
 
 
+_T = TypeVar("_T")
+
 LIST_PAGE = 1000
 """Rows per page when the engine walks every stored session."""
 
@@ -184,6 +187,24 @@ async def count_unexpired(store: Store, now: datetime) -> int:
     async for page in list_pages(store):
         live += sum(1 for row in page if not row.is_expired(now))
     return live
+
+
+async def to_the_end(work: Awaitable[_T]) -> _T:
+    """Await ``work``; if cancelled meanwhile, let it finish first, then raise.
+
+    A store raises a commit's cancellation only once nothing of it still runs (the
+    writer then reads the session again): a thread cannot be stopped, and a
+    statement abandoned mid-flight could still commit on the server, after the
+    runner had moved on or another runner had taken the session.
+    """
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # seen here: the caller gets the cancellation
+        raise
 
 
 async def list_pages(

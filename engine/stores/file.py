@@ -71,6 +71,7 @@ from .base import (
     Lease,
     check_durability,
     check_fresh,
+    to_the_end,
     validate_session_id,
 )
 from .file_inbox import INBOX
@@ -360,14 +361,10 @@ class FileStore:
     # -- implementation (runs in a worker thread) -----------------------------
 
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
-        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            # A thread cannot be stopped: let its I/O finish before the caller goes on
-            # to release the lock, or a late write could land after another runner's.
-            await asyncio.wait([work])
-            raise
+            # A thread cannot be stopped: a cancelled caller waits for its I/O before
+            # it releases the lock, or a late write could land after another runner's.
+            return await to_the_end(asyncio.to_thread(fn, *args))
         except OSError as exc:
             raise StorageError(f"file store {self.path}: {exc}") from exc
 

@@ -23,8 +23,7 @@ from pathlib import Path
 from ..errors import EngineError
 from ..log import get_logger
 from .base import is_session_id
-from .file_index import drop_entry, remove_entry
-from .fsutil import O_CLOEXEC
+from .file_index import drop_entry, open_entry, remove_entry
 
 EXPIRY = ".expiry"
 LAG = 60.0
@@ -38,14 +37,8 @@ def set_bound(root: Path, session_id: str, expires: float) -> None:
 
     Not synced: a bound lost in a crash is older (or missing), never later.
     """
-    path = root / EXPIRY / session_id
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
     try:
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileNotFoundError:  # the first bound of this store
-            (root / EXPIRY).mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(path, flags, 0o600)
+        fd = open_entry(root / EXPIRY, session_id)
         try:
             os.utime(fd, (expires, expires))
         finally:

@@ -35,14 +35,8 @@ def is_marked(root: Path, session_id: str) -> bool:
 
 def mark(root: Path, session_id: str) -> None:
     """Mark a session whose finished status is durable; a failure only costs a read later."""
-    folder = root / FINISHED
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
     try:
-        try:
-            os.close(os.open(folder / session_id, flags, 0o600))
-        except FileNotFoundError:  # the first mark of this store
-            folder.mkdir(mode=0o700, exist_ok=True)
-            os.close(os.open(folder / session_id, flags, 0o600))
+        os.close(open_entry(root / FINISHED, session_id))
     except (OSError, EngineError) as exc:
         _log.warning("finished_mark.failed", session_id=session_id, error=str(exc))
 
@@ -59,6 +53,20 @@ def unmark(root: Path, session_id: str, *, sync: bool) -> None:
 def forget(root: Path, session_id: str) -> None:
     """Drop the mark of a session that is gone (deleted, shredded, quarantined)."""
     drop_entry(root / FINISHED, session_id, "finished_mark.failed")
+
+
+def open_entry(folder: Path, session_id: str) -> int:
+    """Open (creating it, and ``folder`` on first use) the session's entry in ``folder``.
+
+    Raises:
+        OSError: it could not be opened.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
+    try:
+        return os.open(folder / session_id, flags, 0o600)
+    except FileNotFoundError:  # the first entry of this store
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return os.open(folder / session_id, flags, 0o600)
 
 
 def remove_entry(folder: Path, session_id: str, *, sync: bool) -> None:

@@ -134,17 +134,9 @@ def rows(
     for name in names:
         if limit is not None and len(listed) >= limit:
             break  # full; a session deleted while read is skipped, not counted
-        try:
-            found = read_session(store, name, SessionHead)
-            if found is not None:  # a damaged inbox makes the session unreadable too
-                codec.scan_frames(file_inbox.read(found[1].folder), str(found[1].folder / INBOX))
-        except (StorageError, OSError) as exc:
-            # Unreadable (corrupt, undecryptable, a symlink, unreadable bytes):
-            # report it rather than hide it or fail the whole listing.
-            listed.append(SessionInfo(id=name, problem=str(exc)))
-            continue
-        if found is not None:
-            listed.append(found[0].info())
+        row = _row(store, name)
+        if row is not None:
+            listed.append(row)
     if walking:  # the next page of this walk continues after the last row
         if listed:
             store._walk = ((unfinished, expired_by), every, listed[-1].id, time.monotonic())
@@ -165,15 +157,25 @@ def count_unexpired(store: FileStore, now: float) -> int:
         if bounds.get(name, now) > now:
             live += 1
             continue
-        try:
-            found = read_session(store, name, SessionHead)
-            if found is not None:  # a damaged inbox makes the session unreadable too
-                codec.scan_frames(file_inbox.read(found[1].folder), str(found[1].folder / INBOX))
-        except (StorageError, OSError):
-            live += 1  # unreadable: a listing row without an expiry, counted as one
-            continue
-        live += found is not None and found[0].expires_at.timestamp() > now
+        row = _row(store, name)  # unreadable: a row without an expiry, counted live
+        live += row is not None and (row.expires_at is None or row.expires_at.timestamp() > now)
     return live
+
+
+def _row(store: FileStore, session_id: str) -> SessionInfo | None:
+    """Return the session's listing row, None if it is gone.
+
+    An unreadable session (corrupt, undecryptable, a symlink, unreadable bytes, a
+    damaged inbox) gets a row with ``problem`` set: listings report it rather than
+    hide it or fail whole.
+    """
+    try:
+        found = read_session(store, session_id, SessionHead)
+        if found is not None:
+            codec.scan_frames(file_inbox.read(found[1].folder), str(found[1].folder / INBOX))
+    except (StorageError, OSError) as exc:
+        return SessionInfo(id=session_id, problem=str(exc))
+    return None if found is None else found[0].info()
 
 
 def _listed(

@@ -40,7 +40,7 @@ import asyncio
 import builtins
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from .. import codec
@@ -66,6 +66,7 @@ from .base import (
     check_durability,
     check_fresh,
     new_session_body,
+    to_the_end,
     validate_session_id,
 )
 from .postgres_sql import (
@@ -280,7 +281,7 @@ class PostgresStore:
         body = codec.dump_json(checkpoint, what)
         keys = await self._commit_keys(session_id)
         record = codec.seal_frame(checkpoint.revision, _CHECKPOINT, body, keys)
-        row = await _to_the_end(
+        row = await to_the_end(
             self._call(
                 "fetchrow",
                 "commit",
@@ -582,23 +583,6 @@ class PostgresStore:
             yield
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             raise StorageError(f"{what}: {type(exc).__name__}: {exc}") from exc
-
-
-async def _to_the_end(statement: Awaitable[Any]) -> Any:
-    """Await a commit's statement; if cancelled, let it finish before raising.
-
-    Stores raise a commit's cancellation only once nothing of it still runs (the
-    writer then reads the session again): a statement abandoned mid-flight could
-    still commit on the server after the runner had moved on.
-    """
-    work = asyncio.ensure_future(statement)
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        await asyncio.wait([work])
-        if not work.cancelled():
-            work.exception()  # seen here: the caller gets the cancellation
-        raise
 
 
 async def _rollback_if_open(conn: Any) -> None:

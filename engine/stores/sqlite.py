@@ -57,6 +57,7 @@ from .base import (
     check_durability,
     check_fresh,
     new_session_body,
+    to_the_end,
     validate_session_id,
 )
 from .sql import (
@@ -361,14 +362,9 @@ class SQLiteStore:
         self._running += 1
         work.add_done_callback(self._finished)
         try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            # The thread cannot be stopped mid-call: let it finish (its lease, if it
-            # took one, is recorded and released on close) before the caller goes on.
-            await asyncio.wait([work])
-            if not work.cancelled():
-                work.exception()  # seen here: the caller gets the cancellation
-            raise
+            # A cancelled caller waits for the call (a lease it took is recorded, and
+            # released on close).
+            return await to_the_end(work)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"sqlite store {self.path}: {exc}") from exc
 
