@@ -1006,7 +1006,7 @@ async def test_resume_all_runs_at_most_max_concurrency_sessions_at_once(
     assert peak == 2
 
 
-def _gated(name: str, interrupted: Gate, held: Gate, factor: int = 1) -> Workflow:
+def _two_gates(name: str, interrupted: Gate, held: Gate, factor: int = 1) -> Workflow:
     """Two steps, the first held by ``interrupted``, the second by ``held``: value x factor."""
     wf = Workflow(name)
 
@@ -1034,7 +1034,7 @@ async def _interrupted(stores: Stores, wf: Workflow, interrupted: Gate, count: i
 
 async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores) -> None:
     interrupted, held = Gate(), Gate()
-    wf = _gated("backlogged", interrupted, held, factor=10)
+    wf = _two_gates("backlogged", interrupted, held, factor=10)
 
     # Given six interrupted sessions
     sids = await _interrupted(stores, wf, interrupted, 6)
@@ -1058,7 +1058,7 @@ async def test_resume_all_keeps_what_cannot_run_yet_as_a_backlog(stores: Stores)
 
 async def test_a_session_cancelled_in_the_backlog_never_starts(stores: Stores) -> None:
     interrupted, held = Gate(), Gate()
-    wf = _gated("queued", interrupted, held)
+    wf = _two_gates("queued", interrupted, held)
 
     # Given two interrupted sessions, resumed by a runner that runs one at a time
     sids = await _interrupted(stores, wf, interrupted, 2)
