@@ -134,9 +134,10 @@ def scan_frames(buf: bytes, source: str) -> FrameScan:
     """Decode every frame of ``buf``, dropping a torn tail and rejecting corruption.
 
     A torn tail is what an interrupted, never acknowledged append leaves: a short
-    header, a body cut short, zero-filled bytes, or a final record whose body fails
-    its checksum. Anything else that fails a check raises ``CorruptSessionError``
-    naming ``source`` and the byte offset.
+    header, a body cut short, zero-filled bytes, or a last record that fails its
+    checksum with nothing but zeros after it (a journal's reserved space, see
+    ``engine.stores.file``). Anything else that fails a check raises
+    ``CorruptSessionError`` naming ``source`` and the byte offset.
     """
     frames: list[Frame] = []
     pos, size = 0, len(buf)
@@ -146,7 +147,9 @@ def scan_frames(buf: bytes, source: str) -> FrameScan:
         head = buf[pos : pos + _HEAD.size]
         (header_crc,) = _HEADER_CRC.unpack_from(buf, pos + _HEAD.size)
         if zlib.crc32(head) != header_crc:
-            if not any(buf[pos:]):  # a zero-filled tail: an append the power cut lost
+            # Zeros (an append the power cut lost, or reserved space), or a header cut
+            # short with zeros after it: nothing was acknowledged from here on.
+            if zeros_from(buf, pos + HEADER_SIZE):
                 return FrameScan(frames, pos, torn_tail=True)
             raise CorruptSessionError(f"{source}: damaged record header at offset {pos}")
         magic, fmt, flags, length, seq, body_crc = _HEAD.unpack(head)
@@ -157,12 +160,17 @@ def scan_frames(buf: bytes, source: str) -> FrameScan:
             return FrameScan(frames, pos, torn_tail=True)
         body = buf[start:end]
         if zlib.crc32(body) != body_crc:
-            if end == size:
+            if zeros_from(buf, end):  # the last record, written in part
                 return FrameScan(frames, pos, torn_tail=True)
             raise CorruptSessionError(f"{source}: checksum mismatch in record at offset {pos}")
         frames.append(Frame(seq, flags, body, pos, end))
         pos = end
     return FrameScan(frames, pos, torn_tail=False)
+
+
+def zeros_from(buf: bytes, start: int) -> bool:
+    """Tell whether ``buf`` holds nothing but zero bytes from ``start`` on."""
+    return buf.count(0, start) == max(len(buf) - start, 0)
 
 
 def seal_frame(seq: int, kind: str, body: bytes, keys: SessionKeys | None = None) -> bytes:

@@ -17,7 +17,7 @@ the ``CRASH_MODELS``:
 - ``zeroed``: a power cut after the files' new sizes reached the disk but not their
   data: unsynced appends read as zeros;
 - ``torn``: a power cut halfway through writing back: the first half of each
-  unsynced append is on disk;
+  unsynced write is on disk (an append's, or an overwrite's of reserved space);
 - ``names-first``: a power cut after the folders' new names and renames reached the
   disk but no unsynced file data did (ext4 ``data=writeback`` can do this);
 - ``killed``: ``kill -9``; the page cache survives, so everything written is there.
@@ -138,8 +138,15 @@ class FileNode:
             disk = self.disk[: len(self.cache)]
             return bytes(disk) + bytes(len(self.cache) - len(disk))
         if kind == "torn":
+            # The first half of each unsynced write inside the file's old length
+            # (reserved space overwritten), then the first half of what it grew by.
+            torn = bytearray(self.disk)
+            inside = bytes(self.dirty[: min(len(self.disk), len(self.cache))])
+            for run in _RUNS.finditer(inside):
+                half = run.start() + (run.end() - run.start() + 1) // 2
+                torn[run.start() : half] = self.cache[run.start() : half]
             extra = written[len(self.disk) :]
-            return bytes(self.disk) + bytes(extra[: (len(extra) + 1) // 2])
+            return bytes(torn) + bytes(extra[: (len(extra) + 1) // 2])
         raise ValueError(kind)
 
 

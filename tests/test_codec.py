@@ -67,19 +67,21 @@ def test_an_empty_journal_has_no_frames() -> None:
     assert not scan.torn_tail
 
 
-@given(st.lists(st.binary(max_size=64), min_size=1, max_size=6), st.data())
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=6), st.data(), st.booleans())
 def test_a_journal_cut_anywhere_keeps_exactly_the_whole_records_before_the_cut(
-    bodies: list[bytes], data: st.DataObject
+    bodies: list[bytes], data: st.DataObject, in_reserved_space: bool
 ) -> None:
     full = journal(bodies)
     cut = data.draw(st.integers(min_value=0, max_value=len(full)))
+    # A write into zeros reserved after the records leaves zeros where it did not reach
+    after = bytes(len(full) - cut + 64) if in_reserved_space else b""
 
-    scan = codec.scan_frames(full[:cut], "journal")
+    scan = codec.scan_frames(full[:cut] + after, "journal")
 
     whole = [frame for frame in codec.scan_frames(full, "journal").frames if frame.end <= cut]
     assert scan.frames == whole
     assert scan.valid_end == (whole[-1].end if whole else 0)
-    assert scan.torn_tail == (cut != scan.valid_end)
+    assert scan.torn_tail == (cut + len(after) != scan.valid_end)
 
 
 @pytest.mark.parametrize("mask", [0x01, 0x80, 0xFF])

@@ -721,8 +721,42 @@ async def test_every_flipped_byte_of_a_snapshot_is_corruption(
     assert await store.load(session.id) == session
 
 
-async def test_a_journal_torn_anywhere_inside_its_last_record_loads_the_previous_checkpoint(
+async def test_checkpoints_overwrite_space_reserved_after_the_journal_and_a_release_frees_it(
     make_file_store: MakeFileStore, store_path: Path, make_session: MakeSession
+) -> None:
+    # Given a session leased by a runner
+    store = make_file_store()
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+    journal = journal_of(store_path, session.id)
+
+    # When it commits checkpoints
+    await commit(store, lease, session, step_checkpoint(session, 0))
+    reserved = size_of(journal)
+    for index in range(1, 5):
+        await commit(store, lease, session, step_checkpoint(session, index))
+
+    # Then the first one reserved zeros after its record, and the next ones were
+    # written into them: the file did not grow (no new size for fdatasync to commit)
+    records_end = frames(journal)[-1].end
+    assert size_of(journal) == reserved > records_end
+    assert read(journal)[records_end:] == bytes(reserved - records_end)
+
+    # And while the runner holds it, another store reads it whole and verifies it ok
+    reader = make_file_store()
+    assert await reader.load(session.id) == session
+    assert (await reader.check(session.id)).verdict == "ok"
+
+    # And once the lease is given back, the session takes only its records' space
+    await store.release(lease)
+    assert size_of(journal) == records_end
+    assert await reader.load(session.id) == session
+
+
+@pytest.mark.parametrize("where", ["appended", "in reserved space"])
+async def test_a_journal_torn_anywhere_inside_its_last_record_loads_the_previous_checkpoint(
+    make_file_store: MakeFileStore, store_path: Path, make_session: MakeSession, where: str
 ) -> None:
     # Given a session with three checkpoints, and what it was after two
     store = make_file_store(durability="none")
@@ -741,20 +775,25 @@ async def test_a_journal_torn_anywhere_inside_its_last_record_loads_the_previous
     # Shorter than the torn record: torn bytes left past it would show as a torn tail
     replacement = checkpoint_for(after_two, step="next", output=2)
 
+    # Reserved zeros after the records: what the torn write did not reach reads as zeros
+    padding = bytes(4096) if where == "in reserved space" else b""
+
     for length in range(last.offset + 1, last.end):
-        # When the journal is cut anywhere inside the last record (a torn append)
-        write(journal, original[:length])
+        # When the journal is cut anywhere inside the last record (a torn write)
+        write(journal, original[:length] + padding)
         restarted = make_file_store(durability="none")
 
         # Then it loads at the previous checkpoint
         assert await restarted.load(session.id) == after_two, length
 
-        # And the next commit truncates the torn bytes and is loaded with it
+        # And the next commit cuts the torn bytes: it reads back with the lease still
+        # held (as after a crash), and once the lease is given back
         lease = await lease_for(restarted, session.id)
         await restarted.commit(lease, replacement)
-        await restarted.release(lease)
         expected = after_two.model_copy(deep=True)
         expected.apply(replacement)
+        assert await make_file_store(durability="none").load(session.id) == expected, length
+        await restarted.release(lease)
         assert await restarted.load(session.id) == expected, length
         scan = codec.scan_frames(read(journal), str(journal))
         assert not scan.torn_tail

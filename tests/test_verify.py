@@ -142,13 +142,28 @@ def test_a_torn_tail_alone_is_reported_but_is_not_a_failure(
 ) -> None:
     torn = store_with(tmp_path, make_session, 1)
     with journal(tmp_path, torn).open("ab") as handle:
-        handle.write(bytes(10))
+        handle.write(b"SV\x01")  # an append cut short by a crash
 
     result = invoke(tmp_path, "verify")
 
     assert result.exit_code == 0, result.output
     assert "torn tail" in result.stdout
     assert "1 torn tail" in result.stdout
+
+
+def test_zeros_after_the_last_record_are_reserved_space_not_damage(
+    tmp_path: Path, make_session: MakeSession
+) -> None:
+    # Given a journal ending in zeros, as a runner killed while it held the session
+    # leaves the space it reserved for its next checkpoints
+    session_id = store_with(tmp_path, make_session, 2)
+    with journal(tmp_path, session_id).open("ab") as handle:
+        handle.write(bytes(4096))
+
+    result = invoke(tmp_path, "verify", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert verdicts(result)[session_id]["verdict"] == "ok"
 
 
 def test_quarantine_moves_only_corrupt_sessions_aside_whole(

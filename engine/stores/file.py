@@ -2,15 +2,16 @@
 
 Each session folder holds ``snapshot`` (one framed record: the whole session at
 some revision, replaced atomically by temp file + fsync + rename + directory
-fsync), ``journal`` (framed checkpoints appended after that revision, each made
-durable with fdatasync before ``commit`` returns) and ``lock`` (an ``flock`` held
+fsync), ``journal`` (framed checkpoints written after that revision, each made
+durable with fdatasync before ``commit`` returns, into zeros reserved after the
+last record where it can: ``RESERVE_BYTES``) and ``lock`` (an ``flock`` held
 by the runner that owns the session, released by the kernel if it dies).
 
 Events posted without the lease (``engine.events.EventInbox``) go to the
 folder's ``inbox`` file under an ``inbox.lock`` of their own (``file_inbox``), so a
 runner holding ``lock`` in another process does not keep them out.
 
-A checkpoint costs one append and one fdatasync, whatever the session's history.
+A checkpoint costs one write and one fdatasync, whatever the session's history.
 The journal is folded into a new snapshot once it outgrows the snapshot, which
 keeps loading bounded while the copying stays amortised constant per byte
 (``file_compaction``).
@@ -83,6 +84,10 @@ from .group_sync import GroupSync
 TRASH = ".trash"
 KEYS = ".keys"
 COMPACT_MIN_BYTES = 1 << 20
+# Zeros written after a small record, for the next ones to overwrite: an fdatasync
+# of a write that does not grow the file need not commit the file's new size and
+# blocks to the filesystem's journal (see docs/benchmarks.md).
+RESERVE_BYTES = 1 << 16
 """A journal smaller than this is never compacted: replaying it is cheap."""
 
 _T = TypeVar("_T")
@@ -498,7 +503,7 @@ class FileStore:
             if found.st_nlink == 0:  # deleted (by another process too) since it was opened
                 self._forget_tail(session_id)
                 raise SessionNotFoundError(f"session {session_id} was removed")
-            if found.st_size == tail.end:
+            if found.st_size == tail.size:
                 return self._write_frame(session_id, tail, fd, frame, revision, sync=sync)
             # Someone else wrote since we looked, or a torn tail follows the last
             # good record: re-read, then cut whatever is not a complete record.
@@ -507,6 +512,7 @@ class FileStore:
         with tail.guard:
             fd = self._journal_fd(session_id, tail)
             os.ftruncate(fd, tail.end)
+            tail.size = tail.end
             return self._write_frame(session_id, tail, fd, frame, revision, sync=sync)
 
     def _write_frame(
@@ -518,21 +524,26 @@ class FileStore:
                 f"session {session_id}: checkpoint revision {revision} does not "
                 f"follow stored revision {tail.revision}"
             )
+        start, end = tail.end, tail.end + len(frame)
+        size = max(end, tail.size)
+        if end > tail.size:  # reserve space for the next records, up to the compaction limit
+            reserve = min(RESERVE_BYTES, file_compaction.limit(self, tail) - end)
+            if reserve >= len(frame):  # room for one more record at least
+                size = end + reserve
+                frame += bytes(reserve)
         try:
-            write_all(fd, frame, tail.end)
+            write_all(fd, frame, start)
             if sync and self._sync:
                 os.fdatasync(fd)
         except OSError:
             # Never report this record as committed, and never leave it to be
             # found later: a failed fsync may have dropped it from the cache.
-            file_records.truncate_quietly(fd, tail.end)
+            file_records.truncate_quietly(fd, start)
             self._forget_tail(session_id)
             raise
-        if tail.end == 0 and sync:
+        if start == 0 and sync:
             self._sync_dir(tail.folder)  # the journal's name must be durable too
-        start = tail.end
-        tail.end += len(frame)
-        tail.revision = revision
+        tail.end, tail.size, tail.revision = end, size, revision
         return start
 
     def _journal_fd(self, session_id: str, tail: Tail) -> int:
@@ -561,13 +572,20 @@ class FileStore:
                 raise SessionNotFoundError(f"session {session_id} was removed") from None
         return fd
 
-    def _forget_tail(self, session_id: str) -> None:
-        """Drop what is cached of the session's journal: it is read again when needed."""
+    def _forget_tail(self, session_id: str, *, trim: bool = False) -> None:
+        """Drop what is cached of the session's journal: it is read again when needed.
+
+        With ``trim`` (a lease given back), the zeros reserved after its records are
+        cut off, so a session at rest takes only the space its records do. Not
+        synced: a crash before the cut leaves zeros, which read as the end.
+        """
         tail = self._tails.pop(session_id, None)
         if tail is None:
             return
         with tail.guard:  # waits for a commit writing through it on another thread
             tail.dropped = True
+            if trim and tail.fd is not None and tail.size > tail.end:
+                file_records.truncate_quietly(tail.fd, tail.end)
             if tail.fd is not None:
                 with contextlib.suppress(OSError):  # nothing was written since the last sync
                     os.close(tail.fd)
@@ -586,7 +604,7 @@ class FileStore:
         file_records.empty_journal(folder, sync=self._sync)
         self._forget_tail(session.id)
         self._tails[session.id] = Tail(
-            0, session.revision, size, folder, str(folder / JOURNAL), synced=True
+            0, session.revision, size, folder, str(folder / JOURNAL), 0, synced=True
         )
 
     def _save_sync(self, saved: Session, body: bytes) -> None:
@@ -673,6 +691,6 @@ class FileStore:
 
     def _unlock(self, session_id: str) -> None:
         held = self._locks.pop(session_id, None)
-        self._forget_tail(session_id)
+        self._forget_tail(session_id, trim=held is not None)
         if held is not None:
             file_locks.give_back(held[0])

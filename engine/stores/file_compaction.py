@@ -21,8 +21,14 @@ from .file_inbox import INBOX
 
 if TYPE_CHECKING:
     from .file import FileStore
+    from .file_records import Tail
 
 _log = get_logger()
+
+
+def limit(store: FileStore, tail: Tail) -> int:
+    """Return the size past which the journal (or the inbox) is folded into the snapshot."""
+    return max(store.compact_bytes, tail.snapshot_size)
 
 
 def due(store: FileStore, session_id: str, absorbs: int | None) -> bool:
@@ -30,8 +36,8 @@ def due(store: FileStore, session_id: str, absorbs: int | None) -> bool:
     tail = store._tails.get(session_id)
     if tail is None:
         return False
-    limit = max(store.compact_bytes, tail.snapshot_size)
-    return tail.end > limit or (absorbs is not None and file_inbox.size(tail.folder) > limit)
+    most = limit(store, tail)
+    return tail.end > most or (absorbs is not None and file_inbox.size(tail.folder) > most)
 
 
 def compact_if_due(store: FileStore, session_id: str, absorbs: int | None) -> None:
@@ -39,11 +45,10 @@ def compact_if_due(store: FileStore, session_id: str, absorbs: int | None) -> No
     tail = store._tails.get(session_id)
     if tail is None:
         return
-    if tail.end > max(store.compact_bytes, tail.snapshot_size):
+    most = limit(store, tail)
+    if tail.end > most:
         _compact_quietly(store, session_id)
-    elif absorbs is not None and file_inbox.size(tail.folder) > max(
-        store.compact_bytes, tail.snapshot_size
-    ):
+    elif absorbs is not None and file_inbox.size(tail.folder) > most:
         compact_inbox_quietly(store, tail.folder, session_id, absorbs)
 
 

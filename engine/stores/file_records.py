@@ -34,11 +34,12 @@ _S = TypeVar("_S", Session, SessionHead)  # a whole session, or only what a list
 class Tail:
     """Where a session's journal ends and which revision it has reached."""
 
-    end: int
+    end: int  # where its records end
     revision: int
     snapshot_size: int
     folder: Path
     journal: str  # the journal's path, made once: the hot path joins no paths
+    size: int  # the file's length: ``end``, or beyond it when zeros are reserved after it
     marked: bool | None = None  # whether it carries the finished mark; None: not looked
     fd: int | None = None  # the journal, open while the lease is held (``FileStore._journal_fd``)
     synced: bool = False  # what was found is durable (``FileStore._tail``)
@@ -97,7 +98,11 @@ def decode(
                 f"does not follow revision {session.revision}"
             )
         _replay(session, frame, str(journal_path), keys)
-    return session, Tail(scan.valid_end, session.revision, len(snapshot), folder, str(journal_path))
+    end = scan.valid_end
+    # Reserved zeros after the records are kept; anything else after them is cut by
+    # the next append (``FileStore._append``), as the sizes then differ.
+    size = len(journal) if codec.zeros_from(journal, end) else end
+    return session, Tail(end, session.revision, len(snapshot), folder, str(journal_path), size)
 
 
 def write_snapshot(folder: Path, frame: bytes, *, sync: bool) -> int:

@@ -89,10 +89,12 @@ def check(store: FileStore, session_id: str) -> codec.SessionCheck:
             return codec.SessionCheck(session_id, "unreadable", str(exc))
     if found is None:
         raise SessionNotFoundError(f"session {session_id} not found")
-    journal = folder / JOURNAL
-    torn = _torn_tail(
-        session_id, journal, journal.lstat().st_size if journal.exists() else 0, found[1].end
-    ) or _torn_tail(session_id, folder / INBOX, posted.size, posted.end)
+    journal, tail = folder / JOURNAL, found[1]
+    # Zeros after the records are space reserved for the next ones (``Tail.size``).
+    size = tail.end if tail.size > tail.end else journal.lstat().st_size if journal.exists() else 0
+    torn = _torn_tail(session_id, journal, size, tail.end) or _torn_tail(
+        session_id, folder / INBOX, posted.size, posted.end
+    )
     if torn is not None:
         return torn
     return codec.SessionCheck(session_id, "ok", "encrypted" if keys is not None else "in clear")
