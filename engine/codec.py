@@ -133,11 +133,14 @@ def encode_frame(seq: int, body: bytes, flags: int = 0) -> bytes:
 def scan_frames(buf: bytes, source: str) -> FrameScan:
     """Decode every frame of ``buf``, dropping a torn tail and rejecting corruption.
 
-    A torn tail is what an interrupted, never acknowledged append leaves: a short
-    header, a body cut short, zero-filled bytes, or a last record that fails its
-    checksum with nothing but zeros after it (a journal's reserved space, see
-    ``engine.stores.file``). Anything else that fails a check raises
-    ``CorruptSessionError`` naming ``source`` and the byte offset.
+    A torn tail is what an interrupted, never acknowledged write leaves: a short
+    header, a body cut short, zero-filled bytes, a last record whose body fails its
+    checksum with nothing but zeros after it, or a damaged header with no record
+    after it. A write into a journal's reserved zeros (``engine.stores.file``)
+    leaves the file's size as it was, so a power cut may keep any of its pages and
+    lose the others, its header's included; only one write is ever unacknowledged,
+    the last. Anything else that fails a check raises ``CorruptSessionError``
+    naming ``source`` and the byte offset.
     """
     frames: list[Frame] = []
     pos, size = 0, len(buf)
@@ -147,9 +150,9 @@ def scan_frames(buf: bytes, source: str) -> FrameScan:
         head = buf[pos : pos + _HEAD.size]
         (header_crc,) = _HEADER_CRC.unpack_from(buf, pos + _HEAD.size)
         if zlib.crc32(head) != header_crc:
-            # Zeros (an append the power cut lost, or reserved space), or a header cut
-            # short with zeros after it: nothing was acknowledged from here on.
-            if zeros_from(buf, pos + HEADER_SIZE):
+            # Zeros (an append the power cut lost, or reserved space), or the last
+            # write in part: no record follows, so nothing from here on was acknowledged.
+            if not _header_after(buf, pos + 1):
                 return FrameScan(frames, pos, torn_tail=True)
             raise CorruptSessionError(f"{source}: damaged record header at offset {pos}")
         magic, fmt, flags, length, seq, body_crc = _HEAD.unpack(head)
@@ -166,6 +169,20 @@ def scan_frames(buf: bytes, source: str) -> FrameScan:
         frames.append(Frame(seq, flags, body, pos, end))
         pos = end
     return FrameScan(frames, pos, torn_tail=False)
+
+
+def _header_after(buf: bytes, start: int) -> bool:
+    """Tell whether an intact record header (its own CRC checks) starts at ``start`` or later.
+
+    A JSON body never holds one: a header has zero bytes, which JSON escapes.
+    """
+    at = buf.find(MAGIC, start)
+    while at != -1 and len(buf) - at >= HEADER_SIZE:
+        (header_crc,) = _HEADER_CRC.unpack_from(buf, at + _HEAD.size)
+        if zlib.crc32(buf[at : at + _HEAD.size]) == header_crc:
+            return True
+        at = buf.find(MAGIC, at + 1)
+    return False
 
 
 def zeros_from(buf: bytes, start: int) -> bool:

@@ -18,6 +18,8 @@ the ``CRASH_MODELS``:
   data: unsynced appends read as zeros;
 - ``torn``: a power cut halfway through writing back: the first half of each
   unsynced write is on disk (an append's, or an overwrite's of reserved space);
+- ``reordered``: the same, but the disk wrote the second half first (a drive's
+  cache writes pages back in any order): a record's body without its header;
 - ``names-first``: a power cut after the folders' new names and renames reached the
   disk but no unsynced file data did (ext4 ``data=writeback`` can do this);
 - ``killed``: ``kill -9``; the page cache survives, so everything written is there.
@@ -59,6 +61,7 @@ CRASH_MODELS: dict[str, tuple[str, str]] = {
     "lost": ("disk", "disk"),
     "zeroed": ("disk", "zeroed"),
     "torn": ("disk", "torn"),
+    "reordered": ("disk", "reordered"),
     "names-first": ("cache", "disk"),
     "killed": ("cache", "cache"),
 }
@@ -137,16 +140,21 @@ class FileNode:
         if kind == "zeroed":
             disk = self.disk[: len(self.cache)]
             return bytes(disk) + bytes(len(self.cache) - len(disk))
-        if kind == "torn":
-            # The first half of each unsynced write inside the file's old length
-            # (reserved space overwritten), then the first half of what it grew by.
+        if kind in ("torn", "reordered"):
+            # One half of each unsynced write inside the file's old length (reserved
+            # space overwritten), then that half of what it grew by: the first half
+            # (``torn``), or the second, the first half reading as zeros.
+            first = kind == "torn"
             torn = bytearray(self.disk)
             inside = bytes(self.dirty[: min(len(self.disk), len(self.cache))])
             for run in _RUNS.finditer(inside):
                 half = run.start() + (run.end() - run.start() + 1) // 2
-                torn[run.start() : half] = self.cache[run.start() : half]
+                kept = slice(run.start(), half) if first else slice(half, run.end())
+                torn[kept] = self.cache[kept]
             extra = written[len(self.disk) :]
-            return bytes(torn) + bytes(extra[: (len(extra) + 1) // 2])
+            half = (len(extra) + 1) // 2
+            grown = extra[:half] if first else bytes(half) + extra[half:]
+            return bytes(torn) + bytes(grown)
         raise ValueError(kind)
 
 

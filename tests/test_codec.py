@@ -105,6 +105,25 @@ def test_no_single_byte_flip_ever_yields_a_changed_record(mask: int) -> None:
         assert scan.valid_end == last.offset
 
 
+def test_a_last_record_whose_header_never_reached_the_disk_is_a_torn_tail() -> None:
+    # A write into reserved zeros, cut by a power cut that kept its body's pages only
+    original = journal(BODIES)
+    written = codec.scan_frames(original, "journal").frames
+    last, middle = written[-1], written[1]
+
+    def header_lost(record: codec.Frame) -> bytes:
+        start = record.offset + codec.HEADER_SIZE
+        return original[: record.offset] + bytes(codec.HEADER_SIZE) + original[start:]
+
+    scan = codec.scan_frames(header_lost(last) + bytes(64), "journal")
+
+    assert scan.frames == written[:-1]
+    assert scan.torn_tail
+    # But a record after it was written later, so this one had been acknowledged
+    with pytest.raises(CorruptSessionError, match=f"offset {middle.offset}"):
+        codec.scan_frames(header_lost(middle), "journal")
+
+
 def test_damage_before_the_last_record_names_the_record_offset() -> None:
     data = bytearray(journal(BODIES))
     second = codec.scan_frames(bytes(data), "journal").frames[1]

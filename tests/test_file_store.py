@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -752,6 +753,59 @@ async def test_checkpoints_overwrite_space_reserved_after_the_journal_and_a_rele
     await store.release(lease)
     assert size_of(journal) == records_end
     assert await reader.load(session.id) == session
+
+
+async def test_a_load_begun_before_a_takeover_never_lets_the_new_holder_lose_acknowledged_work(
+    make_file_store: MakeFileStore,
+    store_path: Path,
+    make_session: MakeSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a runner (store one) whose checkpoints go into reserved zeros, and a
+    # lock-free load in another store (a dashboard, say) that read the session then
+    session = make_session()
+    first = make_file_store()
+    await first.create(session)
+    first_lease = await lease_for(first, session.id)
+    for index in range(2):
+        await commit(first, first_lease, session, step_checkpoint(session, index))
+    read_done, go_on = threading.Event(), threading.Event()
+    real_read = file_reads.read_session
+
+    def read_then_pause(*args: Any, **kwargs: Any) -> Any:
+        found = real_read(*args, **kwargs)
+        read_done.set()
+        go_on.wait(10)
+        return found
+
+    monkeypatch.setattr(file_reads, "read_session", read_then_pause)
+    second = make_file_store()
+    racing_load = asyncio.ensure_future(second.load(session.id))
+    await asyncio.to_thread(read_done.wait, 10)
+    monkeypatch.setattr(file_reads, "read_session", real_read)
+
+    # When the first runner commits once more (the file keeps its size), then dies
+    # holding the lease (its descriptors closed as kill -9 closes them, no trim)
+    await commit(first, first_lease, session, step_checkpoint(session, 2))
+    acknowledged = session.model_copy(deep=True)
+    lock_fd, _ = first._locks.pop(session.id)
+    journal_fd = first._tails.pop(session.id).fd
+    for fd in (lock_fd, journal_fd):
+        assert fd is not None
+        os.close(fd)
+
+    # ... and the second store takes the lease over before the racing load ends
+    second_lease = await lease_for(second, session.id)
+    go_on.set()
+    await racing_load
+
+    # Then its runner's load and next commit build on the acknowledged checkpoint,
+    # and giving the lease back (which cuts the reserved zeros) keeps every one
+    loaded = await second.load(session.id)
+    assert loaded == acknowledged
+    await commit(second, second_lease, loaded, step_checkpoint(loaded, 3))
+    await second.release(second_lease)
+    assert await make_file_store().load(session.id) == loaded
 
 
 @pytest.mark.parametrize("where", ["appended", "in reserved space"])

@@ -84,11 +84,12 @@ from .group_sync import GroupSync
 TRASH = ".trash"
 KEYS = ".keys"
 COMPACT_MIN_BYTES = 1 << 20
-# Zeros written after a small record, for the next ones to overwrite: an fdatasync
-# of a write that does not grow the file need not commit the file's new size and
-# blocks to the filesystem's journal (see docs/benchmarks.md).
-RESERVE_BYTES = 1 << 16
 """A journal smaller than this is never compacted: replaying it is cheap."""
+RESERVE_BYTES = 1 << 16
+"""Zeros written after a record that grows the journal, for the next ones to overwrite.
+
+An fdatasync of a write that leaves the file's size as it was need not commit a
+new size and new blocks to the filesystem's journal (see docs/storage.md)."""
 
 _T = TypeVar("_T")
 
@@ -435,14 +436,18 @@ class FileStore:
             tail.synced = True
         return tail
 
-    def _keep_tail(self, session_id: str, tail: Tail) -> None:
+    def _keep_tail(self, session_id: str, tail: Tail, held: object) -> None:
         """Keep where a load under this store's lock found the journal's end.
 
         The runner loads a session right after taking its lease, then commits: the
-        first commit need not read the session again.
+        first commit need not read the session again. ``held`` is the lock as the
+        load found it before reading: a read begun before this lock was taken may
+        predate another process's last writes, and its tail is not kept. (Writes
+        into reserved zeros leave the file's size as it was, so the size check in
+        ``_append`` cannot tell such a tail is stale.)
         """
-        if session_id in self._locks and session_id not in self._tails:
-            self._tails[session_id] = tail
+        if held is not None and self._locks.get(session_id) is held:
+            self._tails.setdefault(session_id, tail)
 
     def _sync_session(self, session_id: str) -> None:
         """Make durable what a writer is about to build on.
@@ -520,6 +525,7 @@ class FileStore:
     ) -> int:
         """Write ``frame`` at the journal's end (``tail.guard`` held); return where it starts."""
         if revision != tail.revision + 1:
+            self._forget_tail(session_id)  # read again before the next commit
             raise StorageError(
                 f"session {session_id}: checkpoint revision {revision} does not "
                 f"follow stored revision {tail.revision}"

@@ -42,6 +42,7 @@ _S = TypeVar("_S", Session, SessionHead)  # a whole session, or only what a list
 def load(store: FileStore, session_id: str) -> Session | None:
     """Read the session, then add the events posted past its ``inbox_seq``."""
     previous: bytes | None = None
+    held = store._locks.get(session_id)  # its tail is worth keeping if still held after
     for _ in range(READ_ATTEMPTS):
         folder = store._session_dir(session_id)
         if folder is None:
@@ -64,7 +65,7 @@ def load(store: FileStore, session_id: str) -> Session | None:
             store._forget_keys(session_id)  # rekeyed since its keys were cached?
             continue
         file_inbox.merge(session, events)
-        store._keep_tail(session_id, found[1])
+        store._keep_tail(session_id, found[1], held)
         return session
     raise StorageError(f"session {session_id}: changed on every one of {READ_ATTEMPTS} reads")
 
