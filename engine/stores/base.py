@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -205,6 +206,31 @@ async def to_the_end(work: Awaitable[_T]) -> _T:
         if not future.cancelled():
             future.exception()  # seen here: the caller gets the cancellation
         raise
+
+
+INLINE_TURN = 0.002
+"""Seconds of inline commits after which a store hands the event loop to its other tasks."""
+
+
+class LoopTurns:
+    """Hand the event loop to its other tasks now and then between inline commits.
+
+    A commit on the loop's thread suspends nothing, so a session of steps that await
+    nothing else would keep the loop to itself. Yielding after every commit costs a
+    turn of the loop per step (about 15% of the engine's time per step); yielding
+    once ``INLINE_TURN`` has passed keeps timers and other requests waiting no
+    longer than that, plus one sync.
+    """
+
+    def __init__(self) -> None:
+        self._due = 0.0
+
+    async def maybe(self) -> None:
+        """Yield to the loop if ``INLINE_TURN`` passed since the last time."""
+        now = time.monotonic()
+        if now >= self._due:
+            self._due = now + INLINE_TURN
+            await asyncio.sleep(0)
 
 
 async def list_pages(

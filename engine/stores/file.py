@@ -70,6 +70,7 @@ from .base import (
     LIST_PAGE,
     Durability,
     Lease,
+    LoopTurns,
     check_durability,
     check_fresh,
     to_the_end,
@@ -153,6 +154,7 @@ class FileStore:
         self._encryption = Encryption.of(encryption_key)
         self._vault = KeyFiles(self.keys_path, self.durability)
         self._tails: dict[str, Tail] = {}
+        self._turns = LoopTurns()  # inline commits let the loop's other tasks run
         self._locks: dict[str, tuple[int, Lease]] = {}
         self._tokens = itertools.count(1)
         self._root_ready = False
@@ -203,7 +205,7 @@ class FileStore:
                 self._commit_sync(write)
             except OSError as exc:
                 raise StorageError(f"file store {self.path}: {exc}") from exc
-            await asyncio.sleep(0)  # let the loop's other tasks run between checkpoints
+            await self._turns.maybe()
         else:
             await self._run(self._commit_sync, write)
 

@@ -54,6 +54,7 @@ from .base import (
     LIST_PAGE,
     Durability,
     Lease,
+    LoopTurns,
     check_durability,
     check_fresh,
     new_session_body,
@@ -150,6 +151,7 @@ class SQLiteStore:
         self._group = GroupCommit(self.path)
         self._inline: sqlite3.Connection | None = None  # used on the loop's thread only
         self._running = 0  # calls handed to the store's thread and not yet finished
+        self._turns = LoopTurns()  # inline commits let the loop's other tasks run
 
     def __repr__(self) -> str:
         encrypted = ", encrypted" if self._encryption is not None else ""
@@ -340,7 +342,7 @@ class SQLiteStore:
             return False
         if folded:
             await self._run(self._compact_quietly, session_id)
-        await asyncio.sleep(0)  # let the loop's other tasks run between checkpoints
+        await self._turns.maybe()
         return True
 
     def _open_inline(self) -> sqlite3.Connection:
