@@ -12,6 +12,7 @@ import asyncio
 import math
 import socket
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -1460,3 +1461,45 @@ async def test_a_commit_cancelled_after_its_write_leaves_the_writer_in_step() ->
     assert stored.attempts == {"first": 1, "second": 1}
     assert writer.session == stored
     await store.release(lease)
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_a_session_committing_on_the_loops_thread_still_lets_other_tasks_run(
+    tmp_path: Path, kind: str
+) -> None:
+    from engine.stores.sqlite import SQLiteStore  # noqa: PLC0415
+
+    # Given a store that commits a lone session on the loop's thread, steps that never
+    # await anything (each holds the thread for a millisecond), and another task
+    store: Store = (
+        FileStore(tmp_path / "sessions", durability="none")
+        if kind == "file"
+        else SQLiteStore(tmp_path / "sessions.db", durability="none")
+    )
+    ticks = 0
+    seen: list[int] = []  # the other task's turns so far, as each step starts
+    workflow = Workflow("busy")
+    for index in range(20):
+
+        @workflow.step(name=f"busy{index}")
+        async def busy(ctx: StepContext, value: Any) -> int:
+            seen.append(ticks)
+            time.sleep(0.001)  # noqa: ASYNC251  # blocks the loop, as CPU-bound code does
+            return 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    # When the session runs
+    async with Runner(store, [workflow], cleanup_interval=None) as runner:
+        other = asyncio.ensure_future(ticker())
+        await runner.run(workflow, None)
+        other.cancel()
+    await store.close()
+
+    # Then the other task got the loop between its steps again and again (after
+    # 2 ms at most), not only once the session was done
+    assert seen[-1] - seen[0] >= 5
