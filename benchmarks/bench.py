@@ -245,6 +245,7 @@ def main() -> None:
     engines = [
         "baseline",
         FILE_FLOOR,
+        "floor (overwrite+fdatasync)",
         "stepvault file",
         "floor sqlite (one commit)",
         "stepvault sqlite",

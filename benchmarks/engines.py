@@ -52,6 +52,28 @@ def run_floor(n: int, size: int, workdir: Path) -> dict[str, Any]:
     return {"marks": marks, "bytes": path.stat().st_size}
 
 
+def run_floor_overwrite(n: int, size: int, workdir: Path) -> dict[str, Any]:
+    """Write ``size`` bytes over zeros already on disk and fdatasync, N times.
+
+    The floor of the file store's journal, which writes into zeros it reserved: an
+    fdatasync that leaves the file's size as it was commits no metadata.
+    """
+    path = workdir / "floor.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    marks: list[float] = []
+    try:
+        os.write(fd, bytes(n * size))
+        os.fsync(fd)
+        for i in range(n):
+            marks.append(time.perf_counter())
+            os.pwrite(fd, (str(i % 10) * size).encode(), i * size)
+            os.fdatasync(fd)
+        marks.append(time.perf_counter())
+    finally:
+        os.close(fd)
+    return {"marks": marks, "bytes": path.stat().st_size}
+
+
 def _stepvault_workflow(n: int, size: int, marks: list[float]) -> Any:
     from engine import StepContext, Workflow  # noqa: PLC0415  # timed import stays out of peers
 
@@ -265,6 +287,7 @@ def run_dbos_sqlite(n: int, size: int, workdir: Path) -> dict[str, Any]:
 ENGINES: dict[str, Callable[[int, int, Path], dict[str, Any]]] = {
     "baseline": run_baseline,
     "floor (append+fdatasync)": run_floor,
+    "floor (overwrite+fdatasync)": run_floor_overwrite,
     "stepvault file": run_stepvault_file,
     "stepvault sqlite": run_stepvault_sqlite,
     "floor sqlite (one commit)": run_sqlite_floor,

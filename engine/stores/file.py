@@ -86,6 +86,7 @@ TRASH = ".trash"
 KEYS = ".keys"
 COMPACT_MIN_BYTES = 1 << 20
 """A journal smaller than this is never compacted: replaying it is cheap."""
+RESERVE_FIRST = 1 << 12
 RESERVE_BYTES = 1 << 16
 """Zeros written after a record that grows the journal, for the next ones to overwrite.
 
@@ -535,7 +536,10 @@ class FileStore:
         start, end = tail.end, tail.end + len(frame)
         size = max(end, tail.size)
         if end > tail.size:  # reserve space for the next records, up to the compaction limit
-            reserve = min(RESERVE_BYTES, file_compaction.limit(self, tail) - end)
+            # As much as the journal holds already (a short session writes few zeros),
+            # from a page up to RESERVE_BYTES.
+            grown = min(max(end, RESERVE_FIRST), RESERVE_BYTES)
+            reserve = min(grown, file_compaction.limit(self, tail) - end)
             if reserve >= len(frame):  # room for one more record at least
                 size = end + reserve
                 frame += bytes(reserve)
