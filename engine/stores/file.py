@@ -129,7 +129,8 @@ class FileStore:
             than a hop to a worker thread and back (see docs/benchmarks.md). With
             several sessions at once, commits go to worker threads so their syncs
             overlap. False always uses a worker thread (the loop never waits on
-            the disk).
+            the disk). An inline commit gives the loop's other tasks a turn once
+            ``base.INLINE_TURN`` (2 ms) has passed since their last one.
 
     It takes events without the lease (``engine.events.EventInbox``): ``post_event``
     appends to the session's ``inbox`` file, whoever runs the session.
