@@ -755,6 +755,26 @@ async def test_checkpoints_overwrite_space_reserved_after_the_journal_and_a_rele
     assert await reader.load(session.id) == session
 
 
+async def test_group_commit_writes_no_reserved_space(
+    make_file_store: MakeFileStore, store_path: Path, make_session: MakeSession
+) -> None:
+    # Given a store with group commit, whose shared syncfs commits metadata anyway
+    store = make_file_store(durability="batch")
+    session = make_session()
+    await store.create(session)
+    lease = await lease_for(store, session.id)
+
+    # When a leased session commits checkpoints
+    for index in range(3):
+        await commit(store, lease, session, step_checkpoint(session, index))
+
+    # Then its journal holds its records and nothing more
+    journal = journal_of(store_path, session.id)
+    assert size_of(journal) == frames(journal)[-1].end
+    await store.release(lease)
+    await store.close()
+
+
 async def test_a_load_begun_before_a_takeover_never_lets_the_new_holder_lose_acknowledged_work(
     make_file_store: MakeFileStore,
     store_path: Path,

@@ -536,7 +536,9 @@ class FileStore:
             )
         start, end = tail.end, tail.end + len(frame)
         size = max(end, tail.size)
-        if end > tail.size:  # reserve space for the next records, up to the compaction limit
+        # Reserve space for the next records, up to the compaction limit; not with group
+        # commit, whose shared syncfs commits every file's metadata anyway.
+        if end > tail.size and self._group is None:
             # As much as the journal holds already (a short session writes few zeros),
             # from a page up to RESERVE_BYTES.
             grown = min(max(end, RESERVE_FIRST), RESERVE_BYTES)
