@@ -217,9 +217,9 @@ class LoopTurns:
 
     A commit on the loop's thread suspends nothing, so a session of steps that await
     nothing else would keep the loop to itself. Yielding after every commit costs a
-    turn of the loop per step (about 15% of the engine's time per step); yielding
-    once ``INLINE_TURN`` has passed keeps timers and other requests waiting no
-    longer than that, plus one sync.
+    turn of the loop per step (about a tenth of the engine's time per step);
+    yielding once ``INLINE_TURN`` has passed since the last yield keeps timers and
+    other requests waiting no longer than that plus one step and its commit.
     """
 
     def __init__(self) -> None:

@@ -87,11 +87,14 @@ KEYS = ".keys"
 COMPACT_MIN_BYTES = 1 << 20
 """A journal smaller than this is never compacted: replaying it is cheap."""
 RESERVE_FIRST = 1 << 12
+"""The fewest zeros reserved after a record that grows the journal (a page)."""
 RESERVE_BYTES = 1 << 16
-"""Zeros written after a record that grows the journal, for the next ones to overwrite.
+"""The most zeros reserved after a record that grows the journal, for the next to overwrite.
 
-An fdatasync of a write that leaves the file's size as it was need not commit a
-new size and new blocks to the filesystem's journal (see docs/storage.md)."""
+As many as the journal holds, from ``RESERVE_FIRST`` to this. An fdatasync of a
+write that leaves the file's size as it was need not commit a new size and new
+blocks to the filesystem's journal (see docs/storage.md). Group commit reserves
+none: its shared syncfs commits every file's metadata anyway."""
 
 _T = TypeVar("_T")
 
@@ -130,7 +133,7 @@ class FileStore:
             several sessions at once, commits go to worker threads so their syncs
             overlap. False always uses a worker thread (the loop never waits on
             the disk). An inline commit gives the loop's other tasks a turn once
-            ``base.INLINE_TURN`` (2 ms) has passed since their last one.
+            ``base.INLINE_TURN`` (2 ms) has passed since the store last did.
 
     It takes events without the lease (``engine.events.EventInbox``): ``post_event``
     appends to the session's ``inbox`` file, whoever runs the session.

@@ -121,7 +121,7 @@ class SQLiteStore:
             database's lock sends the commit to the store's thread, so the loop
             never waits for it. False always uses the store's thread. An inline
             commit gives the loop's other tasks a turn once ``base.INLINE_TURN``
-            (2 ms) has passed since their last one.
+            (2 ms) has passed since the store last did.
 
     A lease lasts the ``ttl`` its runner asks for unless the runner's heartbeat
     renews it; a runner that dies is taken over once its lease has run out.
