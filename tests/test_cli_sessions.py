@@ -344,7 +344,11 @@ def test_help_lists_the_session_commands() -> None:
 
 
 def test_shell_completion_script_and_completions() -> None:
-    script = _stepvault("--show-completion", "bash")
+    # Named, not detected: detection looks for a shell among the parent processes,
+    # which a test run started by something else (an IDE, a service) does not have
+    script = _stepvault(
+        "--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    )
     completed = _stepvault(
         env={
             "_STEPVAULT_COMPLETE": "complete_bash",
