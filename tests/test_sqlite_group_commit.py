@@ -81,21 +81,27 @@ def write_lock(database: Path) -> Iterator[None]:
 
 
 async def test_many_sessions_committing_at_once_all_land_in_fewer_transactions(
-    make: Callable[..., SQLiteStore], make_session: MakeSession
+    make: Callable[..., SQLiteStore], make_session: MakeSession, database: Path
 ) -> None:
     # Given 40 sessions, each leased, on a batch store
     store = make(durability="batch")
     sessions = [make_session() for _ in range(40)]
     leases = await leased(store, sessions)
 
-    # When each commits three steps, all sessions at once
-    async def run(session: Session, lease: Lease) -> None:
-        for index in range(3):
-            checkpoint = checkpoint_for(session, f"step-{index}")
-            await store.commit(lease, checkpoint)
+    # When each commits three steps, all sessions at once, each round arriving while
+    # another writer holds the database (so they are all queued together, whatever
+    # the machine's speed, rather than as fast as the store's thread drains them)
+    for index in range(3):
+        checkpoints = [checkpoint_for(session, f"step-{index}") for session in sessions]
+        with write_lock(database):
+            commits = [
+                asyncio.create_task(store.commit(lease, checkpoint))
+                for lease, checkpoint in zip(leases, checkpoints, strict=True)
+            ]
+            await eventually(lambda: store.queued == 40, within=DEADLINE, what="40 queued")
+        await asyncio.gather(*commits)
+        for session, checkpoint in zip(sessions, checkpoints, strict=True):
             session.apply(checkpoint)
-
-    await asyncio.gather(*(run(s, lease) for s, lease in zip(sessions, leases, strict=True)))
 
     # Then every step is stored, as another connection reads the file
     reader = make()
@@ -104,8 +110,9 @@ async def test_many_sessions_committing_at_once_all_land_in_fewer_transactions(
         assert stored is not None
         assert stored.revision == 3
         assert stored.state == {f"step-{index}": session.id for index in range(3)}
-    # And the 120 commits shared far fewer transactions
-    assert 3 <= store.batches < 120 // 2
+    # And the 120 commits shared six transactions at most: a drain that took the
+    # first commit of a round before the rest queued, then one for all the rest
+    assert 3 <= store.batches <= 6
 
 
 async def test_a_commit_refused_in_the_middle_of_a_group_fails_alone(
