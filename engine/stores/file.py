@@ -443,7 +443,7 @@ class FileStore:
             tail.synced = True
         return tail
 
-    def _keep_tail(self, session_id: str, tail: Tail, held: object) -> None:
+    def _keep_tail(self, session_id: str, tail: Tail, held: tuple[int, Lease] | None) -> None:
         """Keep where a load under this store's lock found the journal's end.
 
         The runner loads a session right after taking its lease, then commits: the
@@ -602,9 +602,9 @@ class FileStore:
             return
         with tail.guard:  # waits for a commit writing through it on another thread
             tail.dropped = True
-            if trim and tail.fd is not None and tail.size > tail.end:
-                file_records.truncate_quietly(tail.fd, tail.end)
             if tail.fd is not None:
+                if trim and tail.size > tail.end:
+                    file_records.truncate_quietly(tail.fd, tail.end)
                 with contextlib.suppress(OSError):  # nothing was written since the last sync
                     os.close(tail.fd)
                 tail.fd = None

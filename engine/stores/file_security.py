@@ -90,8 +90,8 @@ def check(store: FileStore, session_id: str) -> codec.SessionCheck:
     if found is None:
         raise SessionNotFoundError(f"session {session_id} not found")
     journal, tail = folder / JOURNAL, found[1]
-    # Zeros after the records are space reserved for the next ones (``Tail.size``).
-    size = tail.end if tail.size > tail.end else journal.lstat().st_size if journal.exists() else 0
+    reserved = tail.size > tail.end  # zeros after the records: space for the next ones
+    size = tail.end if reserved or not journal.exists() else journal.lstat().st_size
     torn = _torn_tail(session_id, journal, size, tail.end) or _torn_tail(
         session_id, folder / INBOX, posted.size, posted.end
     )
