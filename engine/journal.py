@@ -12,7 +12,6 @@ import asyncio
 import inspect
 import time
 import typing
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -139,7 +138,7 @@ class StepJournal:
         self._step = step
         self._attempt = attempt
         self._inline_wait = inline_wait
-        self._seen: Counter[str] = Counter()
+        self._seen: dict[str, int] = {}  # a Counter costs a step that makes no calls
 
     async def tool(
         self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -225,8 +224,8 @@ class StepJournal:
         raise Suspended(wait)
 
     def _key(self, base: str) -> str:
-        occurrence = self._seen[base]
-        self._seen[base] += 1
+        occurrence = self._seen.get(base, 0)
+        self._seen[base] = occurrence + 1
         return f"{base}#{occurrence}"
 
     def _recorded(self, key: str) -> JournalEntry | None:

@@ -156,7 +156,7 @@ class Runner(Operations):
         stamp = workflow.stamp
         session.workflow_version = stamp.version
         session.workflow_fingerprint = stamp.fingerprint
-        session.workflow_shape = stamp.shape
+        session.workflow_shape = list(stamp.shape)  # the stamp is shared: never the same list
         session.workflow_source = workflow.source
         session.input = to_json(input, f"the input of workflow {workflow.name!r}")
         try:

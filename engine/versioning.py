@@ -91,7 +91,7 @@ def _next_step(session: Session, workflow: Workflow) -> tuple[Verdict, str, str]
     current = workflow.step_names[session.cursor]
     shape = session.workflow_shape or []
     was = shape[session.cursor] if session.cursor < len(shape) else None
-    changed = was is not None and tuple(was) != workflow.shape[session.cursor]
+    changed = was is not None and tuple(was) != workflow.stamp.shape[session.cursor]
     in_step = was[0] if was is not None else current
     recorded = sum(1 for entry in session.journal.values() if entry.step == in_step)
     tried = session.attempts.get(in_step, 0) - session.retry_base.get(in_step, 0)

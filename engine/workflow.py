@@ -294,6 +294,7 @@ class Workflow:
         self._steps: tuple[Step, ...] = ()
         self._positions: dict[str, int] = {}
         self._migrations: dict[str, Migration] = {}
+        self._stamp: tuple[tuple[Step, ...], str, WorkflowStamp] | None = None
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, version={self.version!r}, steps={self.step_names})"
@@ -320,17 +321,28 @@ class Workflow:
     @property
     def shape(self) -> list[tuple[str, str]]:
         """Return ``(name, output type)`` per step, in order: what sessions must still fit."""
-        return [(step.name, step.output_type) for step in self._steps]
+        return list(self.stamp.shape)
 
     @property
     def fingerprint(self) -> str:
         """Hash the step list (names, order, output types): it changes when the shape does."""
-        return hashlib.sha256(json.dumps(self.shape).encode()).hexdigest()[:16]
+        return self.stamp.fingerprint
 
     @property
     def stamp(self) -> WorkflowStamp:
-        """Return the version and shape a session records when this code runs it."""
-        return WorkflowStamp(version=self.version, fingerprint=self.fingerprint, shape=self.shape)
+        """Return the version and shape a session records when this code runs it.
+
+        Made once per step list and version: every run and resume asks for it, and
+        it costs a pass over the steps (a 10,000-step workflow is not rare).
+        """
+        made = self._stamp
+        if made is not None and made[0] is self._steps and made[1] == self.version:
+            return made[2]
+        shape = [(step.name, step.output_type) for step in self._steps]
+        fingerprint = hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
+        stamp = WorkflowStamp(version=self.version, fingerprint=fingerprint, shape=shape)
+        self._stamp = (self._steps, self.version, stamp)
+        return stamp
 
     def failure_policy(self, step: Step) -> FailurePolicy:
         """Return what a failure of ``step`` does: its own policy, else the workflow's."""

@@ -242,6 +242,30 @@ def test_fingerprint_changes_when_a_step_is_added() -> None:
     assert grown.fingerprint != reference.fingerprint
 
 
+def test_the_stamp_follows_steps_added_and_a_version_set_after_it_was_read() -> None:
+    # Given a workflow whose stamp was read once (runs read it)
+    workflow = Workflow("shape")
+    _three_steps(workflow)
+    before = workflow.stamp
+
+    # When a step is added, then the version is set
+    @workflow.step
+    def archive(ctx: StepContext, value: dict[str, str]) -> None:
+        return None
+
+    grown = workflow.stamp
+    workflow.version = "2"
+
+    # Then each read gives the workflow as it is now
+    assert [name for name, _ in grown.shape] == [*workflow.step_names]
+    assert len(before.shape) == 3
+    assert grown.fingerprint != before.fingerprint
+    assert (workflow.stamp.version, workflow.stamp.fingerprint) == ("2", grown.fingerprint)
+    # And the shape handed out is a copy: changing it changes no later stamp
+    workflow.shape.append(("extra", "int"))
+    assert workflow.stamp.shape == grown.shape
+
+
 def test_fingerprint_changes_when_a_step_is_renamed() -> None:
     reference, renamed = Workflow("shape"), Workflow("shape")
     _three_steps(reference)
