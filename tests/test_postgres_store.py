@@ -195,6 +195,51 @@ async def test_holding_leases_keeps_no_lock_and_no_transaction_open(
     await store.close()
 
 
+async def test_commits_go_on_after_the_server_drops_the_connection_they_use(
+    postgres_url: str, sql: asyncpg.Connection, make_session: MakeSession
+) -> None:
+    # Given a store that committed a step (through the connection it keeps for commits)
+    name = f"stepvault-test-{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(f"{postgres_url}&application_name={name}")
+    session = make_session()
+    await store.create(session)
+    lease = await store.acquire(session.id, "runner-a")
+    assert lease is not None
+
+    async def commit_step(step: str) -> None:
+        now = utcnow()
+        checkpoint = Checkpoint(
+            revision=session.revision + 1,
+            status="running",
+            last_activity=now,
+            expires_at=now + timedelta(hours=1),
+            step=step,
+        )
+        await store.commit(lease, checkpoint)
+        session.apply(checkpoint)
+
+    await commit_step("one")
+
+    # When the server ends that connection (an operator, a failover), and waits for it
+    ended = await sql.fetchval(
+        "SELECT bool_and(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+        " WHERE application_name = $1 AND query LIKE '%WITH fenced AS%'",
+        name,
+    )
+    assert ended
+
+    # Then at most the next commit fails, cleanly, and the ones after it land
+    try:
+        await commit_step("two")
+    except StorageError:
+        await commit_step("two")  # the client had not read the connection's end yet
+    await commit_step("three")
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert loaded.steps_done == ["one", "two", "three"]
+    await store.close()
+
+
 # -- records --------------------------------------------------------------------------
 
 
