@@ -458,6 +458,33 @@ async def test_a_session_deleted_by_another_store_takes_no_more_commits_from_its
     assert not [p for p in other.path.iterdir() if p.name == session.id]
 
 
+async def test_a_session_deleted_and_made_again_elsewhere_takes_no_commit_from_the_old_holder(
+    make_file_store: MakeFileStore, make_session: MakeSession
+) -> None:
+    # Given a runner's store holding a session it has committed to (its journal open)
+    holder, other = make_file_store(), make_file_store()
+    session = make_session()
+    await holder.create(session)
+    lease = await lease_for(holder, session.id)
+    await commit(holder, lease, session, step_checkpoint(session, 0))
+
+    # When another process's store deletes it, creates a session with the same id,
+    # and commits to that one (a journal again at the same path, of the same size)
+    assert await other.delete(session.id)
+    again = make_session(id=session.id)
+    await other.create(again)
+    other_lease = await lease_for(other, again.id)
+    await commit(other, other_lease, again, step_checkpoint(again, 0))
+    await other.release(other_lease)
+
+    # Then the old holder's next commit fails instead of landing in the removed journal
+    with pytest.raises(SessionNotFoundError):
+        await holder.commit(lease, step_checkpoint(session, 1))
+    loaded = await other.load(session.id)
+    assert loaded is not None
+    assert loaded.revision == again.revision
+
+
 async def test_closing_a_store_releases_its_locks(
     make_file_store: MakeFileStore, make_session: MakeSession
 ) -> None:
