@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -229,6 +230,7 @@ async def test_commits_go_on_after_the_server_drops_the_connection_they_use(
     assert ended
 
     # Then at most the next commit fails, cleanly, and the ones after it land
+    # (the client may read the connection's end only when it next uses it)
     try:
         await commit_step("two")
     except StorageError:
@@ -238,6 +240,36 @@ async def test_commits_go_on_after_the_server_drops_the_connection_they_use(
     assert loaded is not None
     assert loaded.steps_done == ["one", "two", "three"]
     await store.close()
+
+
+async def test_commits_land_through_the_pool_when_no_connection_of_their_own_opens(
+    postgres_url: str, sql: asyncpg.Connection, make_session: MakeSession
+) -> None:
+    # Given a role the server lets open one connection, and a store of one pooled
+    # connection under it (the commits' own connection is one too many)
+    role = f"stepvault_test_{uuid.uuid4().hex[:8]}"
+    database = await sql.fetchval("SELECT current_database()")
+    await sql.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
+    await sql.execute(f"GRANT CREATE ON DATABASE {database} TO {role}")
+    parts = urllib.parse.urlsplit(postgres_url)
+    netloc = f"{role}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    store = PostgresStore(parts._replace(netloc=netloc).geturl(), max_connections=1)
+    try:
+        session = make_session()
+        await store.create(session)
+
+        # When steps are committed
+        await commit(store, session, step="one")
+        await commit(store, session, step="two")
+
+        # Then they land, through the pool
+        loaded = await store.load(session.id)
+        assert loaded is not None
+        assert loaded.steps_done == ["one", "two"]
+    finally:
+        await store.close()
+        await sql.execute(f"DROP OWNED BY {role}")
+        await sql.execute(f"DROP ROLE {role}")
 
 
 # -- records --------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import asyncio
 import builtins
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -97,6 +98,10 @@ _SESSION = Session.__name__  # record kinds, bound into each sealed record
 _CHECKPOINT = Checkpoint.__name__
 
 
+COMMITTER_RETRY = 30.0
+"""Seconds before a store tries again to open its commit connection, after a failure."""
+
+
 class PostgresStore:
     """Store sessions in PostgreSQL, shared by runners on many machines.
 
@@ -152,7 +157,8 @@ class PostgresStore:
         self._opening: asyncio.Lock | None = None
         self._held: dict[str, Lease] = {}
         self._committer: Any = None  # the connection of commits (``_commit_row``)
-        self._committing = False
+        self._committer_retry = 0.0  # when to try opening one again, after a failure
+        self._commit_task: asyncio.Task[Any] | None = None  # the commit using it, if any
 
     def __repr__(self) -> str:
         encrypted = ", encrypted" if self._encryption is not None else ""
@@ -425,9 +431,15 @@ class PostgresStore:
                 _log.warning("lease.release_failed", session_id=lease.session_id, error=str(exc))
         self._held.clear()
         pool, self._pool = self._pool, None
-        if not self._committing:  # else the commit in flight closes it once done
-            await self._close_committer()
-        await pool.close()
+        try:
+            commit = self._commit_task
+            if commit is not None and commit is not asyncio.current_task():
+                await asyncio.wait([commit])  # a commit in flight ends first, as with the pool
+            committer, self._committer = self._committer, None
+            if committer is not None:
+                await committer.close()
+        finally:
+            await pool.close()
 
     async def migrate(self) -> int:
         """Create or upgrade the schema now rather than on first use; return its version."""
@@ -573,33 +585,46 @@ class PostgresStore:
         acquire and release cost about 40 µs a commit (measured), a tenth of a step.
         A commit that finds it in use (another session's) takes a pooled one.
         """
-        pool = await self._connect()
-        if self._committing:
+        if self._commit_task is not None:
             return await self._call("fetchrow", "commit", *args)
-        self._committing = True
+        self._commit_task = asyncio.current_task()
         try:
-            with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
-                conn = self._committer
-                if conn is None or conn.is_closed():  # not yet, or the server dropped it
-                    conn = self._committer = await driver().connect(
-                        self.dsn, server_settings=self._server_settings()
-                    )
-                try:
+            conn = await self._commit_connection()
+            if conn is None:
+                return await self._call("fetchrow", "commit", *args)
+            try:
+                with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
                     return await conn.fetchrow(self._sql["commit"], *args)
-                except BaseException:
-                    # Broken, maybe, or left mid-statement: the next commit opens another.
-                    self._committer = None
-                    conn.terminate()
-                    raise
+            except BaseException:
+                # Broken, maybe, or left mid-statement: the next commit opens another.
+                self._committer = None
+                conn.terminate()
+                raise
         finally:
-            self._committing = False
-            if self._pool is not pool:  # the store closed while this commit ran
-                await self._close_committer()
+            self._commit_task = None
 
-    async def _close_committer(self) -> None:
-        committer, self._committer = self._committer, None
-        if committer is not None:
-            await committer.close()
+    async def _commit_connection(self) -> Any:
+        """Return the commits' own connection, opened if need be; None: use the pool.
+
+        One that cannot be opened (the server's or the role's connection limit, say)
+        sends commits to the pool, and none is tried again for ``COMMITTER_RETRY``.
+        """
+        await self._connect()  # the pool first: its opening migrates the schema
+        conn = self._committer
+        if conn is not None and not conn.is_closed():
+            return conn
+        self._committer = None  # dropped by the server or the network, if any
+        if time.monotonic() < self._committer_retry:
+            return None
+        asyncpg = driver()
+        try:
+            self._committer = await asyncpg.connect(
+                self.dsn, server_settings=self._server_settings()
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            self._committer_retry = time.monotonic() + COMMITTER_RETRY
+            _log.warning("commit_connection.failed", error=str(exc), retry_in=COMMITTER_RETRY)
+        return self._committer
 
     async def _call(self, method: str, statement: str, *args: Any) -> Any:
         """Run one named statement on a pooled connection (its own transaction)."""
