@@ -385,10 +385,11 @@ def append_step(
         forget_posted(db, lease.session_id, checkpoint.inbox_seq)
     # A taken event's id posted again meanwhile (a sender's retry) is the same event:
     # forget that copy, or it would be delivered a second time once this one is gone.
-    db.executemany(
-        "DELETE FROM stepvault_events WHERE session_id = ? AND event_id = ?",
-        [(lease.session_id, taken) for taken in checkpoint.events_consumed],
-    )
+    if checkpoint.events_consumed:  # most checkpoints take none: no statement to run
+        db.executemany(
+            "DELETE FROM stepvault_events WHERE session_id = ? AND event_id = ?",
+            [(lease.session_id, taken) for taken in checkpoint.events_consumed],
+        )
     return row[0], row[1]
 
 
