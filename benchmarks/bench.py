@@ -63,19 +63,25 @@ def window_median(costs: list[float], center: int, width: int = 50) -> float:
 def measure_loops(
     engines: list[str], sizes: list[int], runs: int, output: int
 ) -> list[dict[str, Any]]:
-    """Per-step cost of every engine at every N, ``runs`` times each."""
+    """Per-step cost of every engine at every N, ``runs`` times each.
+
+    The runs are interleaved (every engine once, then every engine again): a
+    machine whose speed drifts over minutes then slows every engine alike, and the
+    ratios between them hold.
+    """
     rows = []
     for n in sizes:
-        for engine in engines:
-            is_peer = engine.startswith(("langgraph", "dbos"))
-            if is_peer and n > PEER_LIMIT:
-                continue
-            means, results = [], []
-            for _ in range(runs):
-                result = child(engine, n, output)
+        chosen = [e for e in engines if n <= PEER_LIMIT or not e.startswith(("langgraph", "dbos"))]
+        measured: dict[str, list[dict[str, Any]]] = {engine: [] for engine in chosen}
+        for _ in range(runs):
+            for engine in chosen:
+                measured[engine].append(child(engine, n, output))
+        for engine in chosen:
+            results = measured[engine]
+            means = []
+            for result in results:
                 costs = step_costs(result["marks"])
                 means.append(sum(costs) / len(costs))
-                results.append(result)
             best = results[means.index(statistics.median_low(means))]
             rows.append(
                 {
