@@ -1,7 +1,7 @@
 """Measure stepvault against DBOS and LangGraph, side by side, in one run.
 
     pip install -e '.[bench]'
-    python benchmarks/bench.py                  # the default figures (about 5 minutes)
+    python benchmarks/bench.py                  # the default figures (about 4 minutes)
     python benchmarks/bench.py --quick          # a smoke run
     python benchmarks/bench.py --out docs/      # also write the table and plot for the docs
 
