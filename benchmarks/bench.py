@@ -1,7 +1,7 @@
 """Measure stepvault against DBOS and LangGraph, side by side, in one run.
 
     pip install -e '.[bench]'
-    python benchmarks/bench.py                  # the default figures (about 4 minutes)
+    python benchmarks/bench.py                  # the default figures (about 5 minutes)
     python benchmarks/bench.py --quick          # a smoke run
     python benchmarks/bench.py --out docs/      # also write the table and plot for the docs
 
@@ -242,7 +242,7 @@ def main() -> None:
     """Run the figures, print the table, write JSON and the plot."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one run each")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--output-bytes", type=int, default=512)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
