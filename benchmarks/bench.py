@@ -279,7 +279,7 @@ def main() -> None:
         if row["n"] == max(sizes) >= 1000 and row["engine"].startswith("stepvault"):
             costs = row["costs"]
             # Medians over 500 steps: one step's cost is noise; the very last is not a
-            # step (it includes closing the runner), so it is left out.
+            # step like the others (it includes giving the lease back), so it is left out.
             last = statistics.median(costs[-501:-1])
             growth[row["engine"]] = last / statistics.median(costs[100:600])
     report = {

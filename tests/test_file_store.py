@@ -438,14 +438,21 @@ async def test_a_lock_held_by_one_instance_excludes_another(
         await first.commit(held, step_checkpoint(session, 1))
 
 
+async def _held_elsewhere(
+    make_file_store: MakeFileStore, make_session: MakeSession
+) -> tuple[FileStore, FileStore, Session, Lease]:
+    """A session held by one store (a runner's), and another store on the same folder."""
+    holder, other = make_file_store(), make_file_store()
+    session = make_session()
+    await holder.create(session)
+    return holder, other, session, await lease_for(holder, session.id)
+
+
 async def test_a_session_deleted_by_another_store_takes_no_more_commits_from_its_holder(
     make_file_store: MakeFileStore, make_session: MakeSession
 ) -> None:
     # Given a runner's store holding a session it has committed to (its journal open)
-    holder, other = make_file_store(), make_file_store()
-    session = make_session()
-    await holder.create(session)
-    lease = await lease_for(holder, session.id)
+    holder, other, session, lease = await _held_elsewhere(make_file_store, make_session)
     await commit(holder, lease, session, step_checkpoint(session, 0))
 
     # When another process's store deletes it
@@ -462,10 +469,7 @@ async def test_a_session_deleted_and_made_again_elsewhere_takes_no_commit_from_t
     make_file_store: MakeFileStore, make_session: MakeSession
 ) -> None:
     # Given a runner's store holding a session it has committed to (its journal open)
-    holder, other = make_file_store(), make_file_store()
-    session = make_session()
-    await holder.create(session)
-    lease = await lease_for(holder, session.id)
+    holder, other, session, lease = await _held_elsewhere(make_file_store, make_session)
     await commit(holder, lease, session, step_checkpoint(session, 0))
 
     # When another process's store deletes it, creates a session with the same id,
@@ -483,6 +487,24 @@ async def test_a_session_deleted_and_made_again_elsewhere_takes_no_commit_from_t
     loaded = await other.load(session.id)
     assert loaded is not None
     assert loaded.revision == again.revision
+
+
+async def test_a_session_made_again_between_the_lease_and_the_first_commit_takes_none_of_it(
+    make_file_store: MakeFileStore, make_session: MakeSession
+) -> None:
+    # Given a runner's store that took a session's lease and loaded it, not committed yet
+    holder, other, session, lease = await _held_elsewhere(make_file_store, make_session)
+    assert await holder.load(session.id) == session
+
+    # When another process's store deletes it and creates a session with the same id
+    assert await other.delete(session.id)
+    again = make_session(id=session.id, state={"owner": "the other"})
+    await other.create(again)
+
+    # Then the holder's first commit fails, and the new session is left as it was made
+    with pytest.raises(SessionNotFoundError):
+        await holder.commit(lease, step_checkpoint(session, 0))
+    assert await other.load(session.id) == again
 
 
 async def test_closing_a_store_releases_its_locks(
@@ -840,7 +862,7 @@ async def test_a_load_begun_before_a_takeover_never_lets_the_new_holder_lose_ack
     # holding the lease (its descriptors closed as kill -9 closes them, no trim)
     await commit(first, first_lease, session, step_checkpoint(session, 2))
     acknowledged = session.model_copy(deep=True)
-    lock_fd, _ = first._locks.pop(session.id)
+    lock_fd = first._locks.pop(session.id)[0]
     journal_fd = first._tails.pop(session.id).fd
     for fd in (lock_fd, journal_fd):
         assert fd is not None

@@ -99,6 +99,10 @@ none: its shared syncfs commits every file's metadata anyway."""
 _T = TypeVar("_T")
 
 
+_Held = tuple[int, Lease, tuple[int, int]]
+"""A held session: its lock file's descriptor, the lease, its folder's (device, inode)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Write:
     """One checkpoint on its way to the journal, and what follows from it."""
@@ -160,7 +164,9 @@ class FileStore:
         self._vault = KeyFiles(self.keys_path, self.durability)
         self._tails: dict[str, Tail] = {}
         self._turns = LoopTurns()  # inline commits let the loop's other tasks run
-        self._locks: dict[str, tuple[int, Lease]] = {}
+        # Per held session: its lock file's descriptor, the lease, and the (device,
+        # inode) of the folder the lock was taken in (``_same_folder``).
+        self._locks: dict[str, _Held] = {}
         self._tokens = itertools.count(1)
         self._root_ready = False
         # The ids a paged walk skipping finished or unexpired sessions visits, listed
@@ -443,7 +449,7 @@ class FileStore:
             tail.synced = True
         return tail
 
-    def _keep_tail(self, session_id: str, tail: Tail, held: tuple[int, Lease] | None) -> None:
+    def _keep_tail(self, session_id: str, tail: Tail, held: _Held | None) -> None:
         """Keep where a load under this store's lock found the journal's end.
 
         The runner loads a session right after taking its lease, then commits: the
@@ -516,7 +522,7 @@ class FileStore:
             # fine-grained one, which costs the fdatasync after it 30-50 µs on ext4
             # (measured: a fifth of a step). The folder's identity and the journal's
             # size tell what the check needs.
-            if not _same_folder(tail):  # removed, maybe made again, by another process
+            if not self._same_folder(session_id, tail):  # removed, maybe made again
                 self._forget_tail(session_id)
                 raise SessionNotFoundError(f"session {session_id} was removed")
             if os.lseek(fd, 0, os.SEEK_END) == tail.size:
@@ -589,12 +595,29 @@ class FileStore:
         if fd is None:
             flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | O_CLOEXEC
             try:
-                home = os.stat(tail.folder)  # before the open: a folder replaced between
-                fd = tail.fd = os.open(tail.journal, flags, 0o600)  # reads as removed
+                fd = os.open(tail.journal, flags, 0o600)
             except FileNotFoundError:
                 raise SessionNotFoundError(f"session {session_id} was removed") from None
-            tail.home = (home.st_dev, home.st_ino)
+            # After the open: a folder made again under this id since the lease was
+            # taken must not get this holder's writes (its journal is not ours).
+            if not self._same_folder(session_id, tail):
+                os.close(fd)
+                raise SessionNotFoundError(f"session {session_id} was removed")
+            tail.fd = fd
         return fd
+
+    def _same_folder(self, session_id: str, tail: Tail) -> bool:
+        """Tell whether the session's folder is still the one its lease was taken in.
+
+        The lock file held open pins that folder's inode: a folder made again under
+        the same id gets another one.
+        """
+        try:
+            found = os.stat(tail.folder)
+        except FileNotFoundError:
+            return False
+        held = self._locks.get(session_id)
+        return held is not None and (found.st_dev, found.st_ino) == held[2]
 
     def _forget_tail(self, session_id: str, *, trim: bool = False) -> None:
         """Drop what is cached of the session's journal: it is read again when needed.
@@ -703,12 +726,13 @@ class FileStore:
             raise SessionNotFoundError(f"session {session_id} not found")
         if session_id in self._locks:
             return None
+        home = os.stat(folder)  # before the lock: a folder replaced between reads as removed
         taken = file_locks.take(folder, lease.owner)
         if taken is None:
             return None
         fd, takeovers = taken
         lease = replace(lease, takeovers=takeovers)
-        self._locks[session_id] = (fd, lease)
+        self._locks[session_id] = (fd, lease, (home.st_dev, home.st_ino))
         self._forget_tail(session_id)  # another process may have written meanwhile
         self._forget_keys(session_id)  # ... or rekeyed it
         return lease
@@ -719,11 +743,3 @@ class FileStore:
         if held is not None:
             file_locks.give_back(held[0])
 
-
-def _same_folder(tail: Tail) -> bool:
-    """Tell whether the session's folder is still the one its journal was opened in."""
-    try:
-        found = os.stat(tail.folder)
-    except FileNotFoundError:
-        return False
-    return (found.st_dev, found.st_ino) == tail.home

@@ -42,7 +42,6 @@ class Tail:
     size: int  # the file's length: ``end``, or beyond it when zeros are reserved after it
     marked: bool | None = None  # whether it carries the finished mark; None: not looked
     fd: int | None = None  # the journal, open while the lease is held (``FileStore._journal_fd``)
-    home: tuple[int, int] | None = None  # the folder's (device, inode) when ``fd`` was opened
     synced: bool = False  # what was found is durable (``FileStore._tail``)
     bound: float | None = None  # the expiry bound set under this lease (``file_expiry``)
     # Held while ``fd`` is used or closed: a delete, release or close on another

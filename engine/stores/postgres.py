@@ -431,15 +431,21 @@ class PostgresStore:
                 _log.warning("lease.release_failed", session_id=lease.session_id, error=str(exc))
         self._held.clear()
         pool, self._pool = self._pool, None
+        commit = self._commit_task
         try:
-            commit = self._commit_task
             if commit is not None and commit is not asyncio.current_task():
                 await asyncio.wait([commit])  # a commit in flight ends first, as with the pool
-            committer, self._committer = self._committer, None
-            if committer is not None:
-                await committer.close()
         finally:
-            await pool.close()
+            # Even when this close is cancelled: nothing would close that connection later.
+            committer, self._committer = self._committer, None
+            try:
+                if committer is not None:
+                    if commit is None or commit.done():
+                        await committer.close()
+                    else:
+                        committer.terminate()  # still running: cut it
+            finally:
+                await pool.close()
 
     async def migrate(self) -> int:
         """Create or upgrade the schema now rather than on first use; return its version."""
