@@ -138,7 +138,7 @@ class StepJournal:
         self._step = step
         self._attempt = attempt
         self._inline_wait = inline_wait
-        self._seen: dict[str, int] = {}  # a Counter costs a step that makes no calls
+        self._seen: dict[str, int] = {}  # not a Counter: it costs even a step making no calls
 
     async def tool(
         self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]

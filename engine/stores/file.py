@@ -726,7 +726,10 @@ class FileStore:
             raise SessionNotFoundError(f"session {session_id} not found")
         if session_id in self._locks:
             return None
-        home = os.stat(folder)  # before the lock: a folder replaced between reads as removed
+        try:
+            home = os.stat(folder)  # before the lock: a folder replaced between reads as removed
+        except FileNotFoundError:
+            raise SessionNotFoundError(f"session {session_id} not found") from None
         taken = file_locks.take(folder, lease.owner)
         if taken is None:
             return None
@@ -742,4 +745,3 @@ class FileStore:
         self._forget_tail(session_id, trim=held is not None)
         if held is not None:
             file_locks.give_back(held[0])
-
