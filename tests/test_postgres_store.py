@@ -23,6 +23,7 @@ from engine import (
     CorruptSessionError,
     EngineError,
     InvalidArgumentError,
+    Lease,
     Session,
     StorageError,
     open_store,
@@ -52,8 +53,17 @@ async def sql(pg_store: PostgresStore) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def commit(store: PostgresStore, session: Session, **changes: Any) -> None:
+    """Commit one checkpoint under a lease taken for it, then let go."""
     lease = await store.acquire(session.id, "runner-a")
     assert lease is not None
+    await commit_under(store, lease, session, **changes)
+    await store.release(lease)
+
+
+async def commit_under(
+    store: PostgresStore, lease: Lease, session: Session, **changes: Any
+) -> None:
+    """Commit the session's next checkpoint (``changes`` on a running one) and apply it."""
     now = utcnow()
     values: dict[str, Any] = {
         "revision": session.revision + 1,
@@ -64,7 +74,6 @@ async def commit(store: PostgresStore, session: Session, **changes: Any) -> None
     checkpoint = Checkpoint(**{**values, **changes})
     await store.commit(lease, checkpoint)
     session.apply(checkpoint)
-    await store.release(lease)
 
 
 # -- URLs, options and the driver -------------------------------------------------------
@@ -207,19 +216,7 @@ async def test_commits_go_on_after_the_server_drops_the_connection_they_use(
     lease = await store.acquire(session.id, "runner-a")
     assert lease is not None
 
-    async def commit_step(step: str) -> None:
-        now = utcnow()
-        checkpoint = Checkpoint(
-            revision=session.revision + 1,
-            status="running",
-            last_activity=now,
-            expires_at=now + timedelta(hours=1),
-            step=step,
-        )
-        await store.commit(lease, checkpoint)
-        session.apply(checkpoint)
-
-    await commit_step("one")
+    await commit_under(store, lease, session, step="one")
 
     # When the server ends that connection (an operator, a failover), and waits for it
     ended = await sql.fetchval(
@@ -232,10 +229,10 @@ async def test_commits_go_on_after_the_server_drops_the_connection_they_use(
     # Then at most the next commit fails, cleanly, and the ones after it land
     # (the client may read the connection's end only when it next uses it)
     try:
-        await commit_step("two")
-    except StorageError:
-        await commit_step("two")  # the client had not read the connection's end yet
-    await commit_step("three")
+        await commit_under(store, lease, session, step="two")
+    except StorageError:  # the client had not read the connection's end yet
+        await commit_under(store, lease, session, step="two")
+    await commit_under(store, lease, session, step="three")
     loaded = await store.load(session.id)
     assert loaded is not None
     assert loaded.steps_done == ["one", "two", "three"]

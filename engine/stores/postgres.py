@@ -152,6 +152,8 @@ class PostgresStore:
         self._encryption = Encryption.of(encryption_key)
         self._pool_bounds = (min_connections, max_connections)
         self._sql = {name: query.format(s=self.schema) for name, query in STATEMENTS.items()}
+        # What errors name: made once, as every statement (every commit) may need it.
+        self._place = f"PostgreSQL {where(self.dsn)} schema {self.schema}"
         self._pool: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Lock | None = None
@@ -257,7 +259,7 @@ class PostgresStore:
         saved = session.model_copy(update={"revision": revision})
         body = codec.dump_json(saved, f"session {session.id}")
         pool = await self._connect()
-        with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
+        with self._errors(self._place):
             async with pool.acquire() as conn:
                 # A rekey between this read and the save bumps the revision: refused.
                 keys = await self._keys(conn, session.id)
@@ -347,7 +349,7 @@ class PostgresStore:
         validate_session_id(session_id)
         pool = await self._connect()
         try:
-            with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
+            with self._errors(self._place):
                 async with pool.acquire() as conn, conn.transaction():
                     seq = await conn.fetchval(self._sql["inbox_bump"], session_id)
                     if seq is None:
@@ -599,7 +601,7 @@ class PostgresStore:
             if conn is None:
                 return await self._call("fetchrow", "commit", *args)
             try:
-                with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
+                with self._errors(self._place):
                     return await conn.fetchrow(self._sql["commit"], *args)
             except BaseException:
                 # Broken, maybe, or left mid-statement: the next commit opens another.
@@ -635,14 +637,14 @@ class PostgresStore:
     async def _call(self, method: str, statement: str, *args: Any) -> Any:
         """Run one named statement on a pooled connection (its own transaction)."""
         pool = await self._connect()
-        with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
+        with self._errors(self._place):
             return await getattr(pool, method)(self._sql[statement], *args)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
         """Yield a pooled connection inside a transaction, committed on leaving."""
         pool = await self._connect()
-        with self._errors(f"PostgreSQL {where(self.dsn)} schema {self.schema}"):
+        with self._errors(self._place):
             async with pool.acquire() as conn, conn.transaction():
                 yield conn
 
